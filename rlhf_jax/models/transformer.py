@@ -1,0 +1,304 @@
+"""The decoder-only trunk shared by the policy, value and reward networks.
+
+One module, three families chosen by `config.model.family`:
+
+  gpt2   learned positions, LayerNorm, GELU MLP, biases, tied embeddings
+  llama  RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, no biases, untied
+  neox   partial RoPE, LayerNorm, GELU MLP, biases, parallel residual, untied (Pythia)
+
+Parameter names follow the checkpoints they are imported from (see models/hf.py):
+`embed`, `pos_embed`, `layers_{i}/{attn_norm, attn/{q,k,v,o}, mlp_norm, mlp/{gate,up,down}}`,
+`final_norm`, so an HF import is a short renaming table. Every parameter carries
+logical axis names (rlhf_jax/sharding.py maps them onto the mesh).
+
+The same call computes a full teacher-forced pass or a step of cached decoding: with
+`cache`, the new keys/values are written at slot `cache_index` and the queries attend
+over the whole cache. `mask` is the key mask over the tokens (full pass) or over the
+cache slots (cached pass): 1 for real tokens, so left padding is simply masked out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.sharding import constrain
+
+Cache = dict[str, jax.Array]  # {'k': [L?,B,S,Hkv,Dh], 'v': ...}
+
+_FAMILIES = {
+    "gpt2": dict(norm="layernorm", positions="learned", mlp="gelu_tanh", use_bias=True,
+                 tied_embeddings=True, parallel_residual=False, rotary_pct=1.0),
+    "llama": dict(norm="rmsnorm", positions="rope", mlp="swiglu", use_bias=False,
+                  tied_embeddings=False, parallel_residual=False, rotary_pct=1.0),
+    "neox": dict(norm="layernorm", positions="rope", mlp="gelu", use_bias=True,
+                 tied_embeddings=False, parallel_residual=True, rotary_pct=0.25),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Static model hyper-parameters (hashable: safe to close over in jit)."""
+  family: str = "gpt2"
+  vocab_size: int = 8000
+  d_model: int = 256
+  n_layers: int = 4
+  n_heads: int = 4
+  n_kv_heads: int = 4
+  d_ff: int = 1024
+  max_len: int = 1024
+  norm: str = "layernorm"
+  norm_eps: float = 1e-5
+  positions: str = "learned"
+  rope_theta: float = 10000.0
+  rotary_pct: float = 1.0
+  mlp: str = "gelu_tanh"
+  use_bias: bool = True
+  tied_embeddings: bool = True
+  parallel_residual: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  remat: str = "none"  # 'none' | 'full' | 'dots' (save matmul outputs)
+  scan_layers: bool = False
+  init_std: float = 0.02
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @classmethod
+  def from_config(cls, model_config) -> "TransformerConfig":
+    """Family defaults, then any field set (not None) in `config.model`."""
+    cfg = dict(model_config)
+    family = cfg.get("family", "gpt2")
+    if family not in _FAMILIES:
+      raise ConfigError(
+          f"config.model.family: {family!r} is not one of {sorted(_FAMILIES)}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = dict(_FAMILIES[family], family=family)
+    values.update({k: v for k, v in cfg.items() if k in fields and v is not None})
+    values["dtype"] = jnp.dtype(values.get("dtype", "float32"))
+    values["param_dtype"] = jnp.dtype(values.get("param_dtype", "float32"))
+    if values.get("n_kv_heads") in (None, 0):
+      values["n_kv_heads"] = values.get("n_heads", cls.n_heads)
+    config = cls(**values)
+    config.validate()
+    return config
+
+  def validate(self) -> None:
+    if self.d_model % self.n_heads:
+      raise ConfigError(f"config.model.d_model: {self.d_model} is not divisible by "
+                        f"n_heads={self.n_heads}")
+    if self.n_heads % self.n_kv_heads:
+      raise ConfigError(f"config.model.n_kv_heads: {self.n_kv_heads} does not divide "
+                        f"n_heads={self.n_heads}")
+    if self.remat not in ("none", "full", "dots"):
+      raise ConfigError(f"config.model.remat: {self.remat!r} is not none|full|dots")
+
+  def param_count(self) -> int:
+    """Parameters of the trunk + LM head (what MFU estimates multiply)."""
+    d, f, L = self.d_model, self.d_ff, self.n_layers
+    kv = self.n_kv_heads * self.head_dim
+    attn = d * d * 2 + d * kv * 2
+    mlp = d * f * (3 if self.mlp == "swiglu" else 2)
+    emb = self.vocab_size * d * (1 if self.tied_embeddings else 2)
+    pos = self.max_len * d if self.positions == "learned" else 0
+    return L * (attn + mlp) + emb + pos
+
+
+def _init(std: float, axes: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def _zeros(axes: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+class Norm(nn.Module):
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",))
+    if c.norm == "rmsnorm":
+      return nn.RMSNorm(epsilon=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
+                        scale_init=scale_init, name="norm")(x)
+    return nn.LayerNorm(epsilon=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
+                        scale_init=scale_init, bias_init=_zeros(("norm",)),
+                        name="norm")(x)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float, rotary_pct: float) -> jax.Array:
+  """Rotary embedding on the first `rotary_pct` of each head ("rotate half" layout).
+
+  x: [B, T, H, Dh]; positions: [B, T]. The rotate-half layout is the one HF Llama and
+  GPT-NeoX checkpoints are stored in, so no permutation is needed on import.
+  """
+  dim = int(x.shape[-1] * rotary_pct)
+  rot, keep = x[..., :dim], x[..., dim:]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B,T,dim/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  first, second = jnp.split(rot.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([-second, first], axis=-1)
+  out = rot.astype(jnp.float32) * cos + rotated * sin
+  return jnp.concatenate([out.astype(x.dtype), keep], axis=-1)
+
+
+class Attention(nn.Module):
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache: Optional[Cache], cache_index):
+    c = self.config
+    dense = functools.partial(nn.DenseGeneral, dtype=c.dtype, param_dtype=c.param_dtype,
+                              use_bias=c.use_bias)
+    q = dense((c.n_heads, c.head_dim), kernel_init=_init(c.init_std, ("embed", "heads", "kv")),
+              bias_init=_zeros(("heads", "kv")), name="q")(x)
+    kv_axes = ("embed", "kv_heads", "kv")
+    k = dense((c.n_kv_heads, c.head_dim), kernel_init=_init(c.init_std, kv_axes),
+              bias_init=_zeros(("kv_heads", "kv")), name="k")(x)
+    v = dense((c.n_kv_heads, c.head_dim), kernel_init=_init(c.init_std, kv_axes),
+              bias_init=_zeros(("kv_heads", "kv")), name="v")(x)
+    if c.positions == "rope":
+      q = rope(q, positions, c.rope_theta, c.rotary_pct)
+      k = rope(k, positions, c.rope_theta, c.rotary_pct)
+
+    length = x.shape[1]
+    if cache is None:
+      query_slots = jnp.arange(length)
+      keys, values, new_cache = k, v, None
+    else:
+      query_slots = cache_index + jnp.arange(length)
+      keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
+                                                 cache_index, axis=1)
+      values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
+                                                   cache_index, axis=1)
+      new_cache = {"k": keys, "v": values}
+    key_slots = jnp.arange(keys.shape[1])
+    causal = key_slots[None, :] <= query_slots[:, None]
+    # A query always sees itself, so padding rows stay finite (their outputs are
+    # never read); real rows are unaffected because their own key is real.
+    allowed = (causal[None] & (mask[:, None, :] > 0)) | (key_slots[None, None, :]
+                                                          == query_slots[None, :, None])
+    out = jax.nn.dot_product_attention(
+        q.astype(c.dtype), keys.astype(c.dtype), values.astype(c.dtype),
+        mask=allowed[:, None, :, :])
+    out = constrain(out, ("batch", "length", "act_heads", None))
+    out = nn.DenseGeneral(c.d_model, axis=(-2, -1), dtype=c.dtype,
+                          param_dtype=c.param_dtype, use_bias=c.use_bias,
+                          kernel_init=_init(c.init_std, ("heads", "kv", "embed")),
+                          bias_init=_zeros(("embed",)), name="o")(out)
+    return out, new_cache
+
+
+class Mlp(nn.Module):
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    dense = functools.partial(nn.Dense, dtype=c.dtype, param_dtype=c.param_dtype,
+                              use_bias=c.use_bias)
+    up = dense(c.d_ff, kernel_init=_init(c.init_std, ("embed", "mlp")),
+               bias_init=_zeros(("mlp",)), name="up")(x)
+    if c.mlp == "swiglu":
+      gate = dense(c.d_ff, kernel_init=_init(c.init_std, ("embed", "mlp")),
+                   bias_init=_zeros(("mlp",)), name="gate")(x)
+      hidden = nn.silu(gate) * up
+    else:
+      hidden = nn.gelu(up, approximate=(c.mlp == "gelu_tanh"))
+    hidden = constrain(hidden, ("batch", "length", "act_heads"))
+    return dense(c.d_model, kernel_init=_init(c.init_std, ("mlp", "embed")),
+                 bias_init=_zeros(("embed",)), name="down")(hidden)
+
+
+class Block(nn.Module):
+  """One transformer layer; `(h, cache) -> (h, cache)` so it can be scanned."""
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, h, cache, positions, mask, cache_index):
+    c = self.config
+    attn_out, cache = Attention(c, name="attn")(
+        Norm(c, name="attn_norm")(h), positions, mask, cache, cache_index)
+    if c.parallel_residual:  # GPT-NeoX: h + attn(ln1(h)) + mlp(ln2(h))
+      h = h + attn_out + Mlp(c, name="mlp")(Norm(c, name="mlp_norm")(h))
+    else:
+      h = h + attn_out
+      h = h + Mlp(c, name="mlp")(Norm(c, name="mlp_norm")(h))
+    return constrain(h, ("batch", "length", "act_embed")), cache
+
+
+def _block_class(c: TransformerConfig):
+  if c.remat == "none":
+    return Block
+  policy = (jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+            if c.remat == "dots" else jax.checkpoint_policies.nothing_saveable)
+  return nn.remat(Block, policy=policy, prevent_cse=not c.scan_layers)
+
+
+class Transformer(nn.Module):
+  """Embeddings -> blocks -> final norm. Returns hidden states [B, T, d_model]."""
+  config: TransformerConfig
+
+  def setup(self):
+    c = self.config
+    self.embed = nn.Embed(
+        c.vocab_size, c.d_model, dtype=c.dtype, param_dtype=c.param_dtype,
+        embedding_init=_init(c.init_std, ("vocab", "embed")), name="embed")
+    if c.positions == "learned":
+      self.pos_embed = nn.Embed(
+          c.max_len, c.d_model, dtype=c.dtype, param_dtype=c.param_dtype,
+          embedding_init=_init(c.init_std * 0.5, (None, "embed")), name="pos_embed")
+    block = _block_class(c)
+    if c.scan_layers:
+      self.layers = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"})(c, name="layers")
+    else:
+      self.layers = [block(c, name=f"layers_{i}") for i in range(c.n_layers)]
+    self.final_norm = Norm(c, name="final_norm")
+
+  def __call__(self, tokens, positions, mask, cache: Optional[Cache] = None,
+               cache_index=None):
+    c = self.config
+    h = self.embed(tokens)
+    if c.positions == "learned":
+      h = h + self.pos_embed(positions)
+    h = constrain(h, ("batch", "length", "act_embed"))
+    if c.scan_layers:
+      h, cache = self.layers(h, cache, positions, mask, cache_index)
+    else:
+      new_layers = []
+      for i, layer in enumerate(self.layers):
+        layer_cache = None if cache is None else jax.tree.map(lambda x: x[i], cache)
+        h, layer_cache = layer(h, layer_cache, positions, mask, cache_index)
+        new_layers.append(layer_cache)
+      if cache is not None:
+        cache = jax.tree.map(lambda *xs: jnp.stack(xs), *new_layers)
+    return self.final_norm(h), cache
+
+  def logits(self, h):
+    """Tied models reuse the embedding; untied ones have their own `lm_head`."""
+    return self.embed.attend(h)
+
+
+def init_cache(c: TransformerConfig, batch: int, length: int, dtype=None) -> Cache:
+  """Zeroed KV cache, stacked over layers: {'k','v'}: [L, B, S, Hkv, Dh]."""
+  shape = (c.n_layers, batch, length, c.n_kv_heads, c.head_dim)
+  dtype = c.dtype if dtype is None else dtype
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+  """Position of each token counted over real tokens only (left padding -> 0)."""
+  return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)

@@ -1,0 +1,139 @@
+"""Jitted sampling with a KV cache: one prefill pass, then one token per step.
+
+`sample` takes left-padded prompts of mixed lengths, runs them through the policy
+once to fill the cache, then decodes a fixed number of new tokens inside a
+`lax.while_loop` that writes one cache slot per step and stops early once every row
+has produced its stop token. Shapes are static, so one compilation serves every batch.
+
+Each response is truncated after its first stop token: the returned mask is 1 up to
+and including it, and the tokens after it are padding. The log-probs are those of
+the sampled tokens under `log_softmax(logits / temperature)` over the *whole*
+vocabulary -- exactly what a teacher-forced forward pass at the same temperature
+computes, which is what PPO's ratio needs. (Top-k / top-p only restrict which tokens
+can be drawn; like most RLHF code, the log-probs are not renormalised over that set.)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models.heads import PolicyModel
+from rlhf_jax.models.transformer import init_cache, positions_from_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  new_tokens: int
+  stop_token: int
+  pad_token: int = 0
+  temperature: float = 0.7
+  top_k: int = 0      # 0: no top-k restriction
+  top_p: float = 1.0  # 1.0: no nucleus restriction
+  greedy: bool = False
+
+  @classmethod
+  def from_config(cls, rollout_config, *, stop_token: int, pad_token: int):
+    return cls(new_tokens=int(rollout_config.new_tokens), stop_token=stop_token,
+               pad_token=pad_token, temperature=float(rollout_config.temperature),
+               top_k=int(rollout_config.top_k), top_p=float(rollout_config.top_p),
+               greedy=bool(rollout_config.get("greedy", False)))
+
+
+class Samples(NamedTuple):
+  tokens: jax.Array    # [B, N] int32, padding after the stop token
+  mask: jax.Array      # [B, N] int32, 1 up to and including the first stop token
+  logprobs: jax.Array  # [B, N] float32, 0 where mask is 0
+
+
+def restrict_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+  """Sets logits outside the top-k / nucleus (top-p) set to -inf."""
+  if top_k and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    # Keep each token whose preceding mass is below p (the first always stays).
+    n_keep = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return logits
+
+
+def truncate_after_stop(tokens: jax.Array, stop_token: int) -> jax.Array:
+  """Mask that is 1 up to and including the first stop token of each row."""
+  is_stop = (tokens == stop_token).astype(jnp.int32)
+  stops_before = jnp.cumsum(is_stop, axis=-1) - is_stop
+  return (stops_before == 0).astype(jnp.int32)
+
+
+def _choose(logits, rng, params: SamplingParams):
+  """Picks the next token; returns it with its log-prob at the temperature."""
+  scaled = logits / params.temperature
+  if params.greedy:
+    token = jnp.argmax(logits, axis=-1)
+  else:
+    token = jax.random.categorical(
+        rng, restrict_logits(scaled, params.top_k, params.top_p), axis=-1)
+  logprob = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None],
+                                axis=-1)[:, 0]
+  return token.astype(jnp.int32), logprob
+
+
+def sample(policy: PolicyModel, params, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+           rng: jax.Array, sampling: SamplingParams) -> Samples:
+  """Samples `sampling.new_tokens` tokens after each prompt (pure; jit it)."""
+  batch, prompt_len = prompt_tokens.shape
+  n = sampling.new_tokens
+  prompt_mask = prompt_mask.astype(jnp.int32)
+  cache = init_cache(policy.config, batch, prompt_len + n)
+  # Every slot after the prompt will hold a generated token; causality hides the
+  # ones not yet written.
+  slot_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, n), jnp.int32)], axis=1)
+  apply = functools.partial(policy.apply, {"params": params})
+  logits, cache = apply(prompt_tokens, slot_mask, positions_from_mask(prompt_mask),
+                        cache=cache, cache_index=0)
+  next_position = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)  # [B]
+
+  rngs = jax.random.split(rng, n)
+  token, logprob = _choose(logits[:, -1], rngs[0], sampling)
+  tokens = jnp.full((batch, n), sampling.pad_token, jnp.int32).at[:, 0].set(token)
+  logprobs = jnp.zeros((batch, n), jnp.float32).at[:, 0].set(logprob)
+  done = token == sampling.stop_token
+  mask = jnp.zeros((batch, n), jnp.int32).at[:, 0].set(1)
+
+  def keep_going(state):
+    i, _, _, _, _, done, _ = state
+    return (i < n) & ~jnp.all(done)
+
+  def step(state):
+    i, cache, token, tokens, logprobs, done, mask = state
+    # Feed token i - 1 at its cache slot, then choose token i.
+    positions = (next_position + i - 1)[:, None]
+    logits, cache = apply(token[:, None], slot_mask, positions, cache=cache,
+                          cache_index=prompt_len + i - 1)
+    token, logprob = _choose(logits[:, 0], rngs[i], sampling)
+    live = ~done
+    tokens = tokens.at[:, i].set(jnp.where(live, token, sampling.pad_token))
+    logprobs = logprobs.at[:, i].set(jnp.where(live, logprob, 0.0))
+    mask = mask.at[:, i].set(live.astype(jnp.int32))
+    done = done | (token == sampling.stop_token)
+    return i + 1, cache, token, tokens, logprobs, done, mask
+
+  state = (jnp.int32(1), cache, token, tokens, logprobs, done, mask)
+  _, _, _, tokens, logprobs, _, mask = jax.lax.while_loop(keep_going, step, state)
+  return Samples(tokens=tokens, mask=mask, logprobs=logprobs)
+
+
+def make_sampler(policy: PolicyModel, sampling: SamplingParams):
+  """`sample` jitted for one policy and one set of sampling parameters.
+
+  Called as `sampler(params, prompt_tokens, prompt_mask, rng)`; inputs keep their
+  shardings (params sharded by the mesh, prompts split over the batch).
+  """
+  return jax.jit(functools.partial(sample, policy, sampling=sampling))

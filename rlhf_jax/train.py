@@ -1,0 +1,114 @@
+"""The one entry point: `python -m rlhf_jax.train --config CFG --workdir DIR`.
+
+Reads `config.stage` and runs that stage's trainer in DIR (or, for `pipeline`, every
+stage in order, each in DIR/<stage>/). Re-running the same command resumes from the
+last checkpoint. Mistakes a user can fix (config, data, mesh) end with one line on
+stderr and exit status 1; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from rlhf_jax import config_base
+from rlhf_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/rm_hh.py:runlocal", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this run's outputs.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for explicit multi-process runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+# Stage -> "module:function(config, workdir)". Imported lazily so `--help` is fast.
+STAGE_RUNNERS = {
+    "sft": "rlhf_jax.trainers.supervised:train_sft",
+    "rm": "rlhf_jax.trainers.supervised:train_rm",
+    "ppo": "rlhf_jax.trainers.ppo:train_ppo",
+    "pipeline": "rlhf_jax.trainers.pipeline:run_pipeline",
+}
+
+
+def initialize_distributed() -> None:
+  """Joins a multi-process run when asked to, or when a TPU VM / SLURM says so."""
+  import jax
+  if _COORDINATOR.value or _NUM_PROCESSES.value:
+    if None in (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value):
+      raise UserError("--coordinator_address, --num_processes and --process_id must "
+                      "be given together")
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_JOB_ID"):
+    jax.distributed.initialize()  # auto-detects the cluster
+
+
+def write_config(config, workdir: str) -> None:
+  import jax
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
+
+
+def run_stage(config, workdir: str):
+  """Validates the config and runs the trainer its `stage` names."""
+  config_base.validate(config)
+  write_config(config, workdir)
+  module_name, function_name = STAGE_RUNNERS[config.stage].split(":")
+  return getattr(importlib.import_module(module_name), function_name)(config, workdir)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    config = _CONFIG.value
+    if config is not None:
+      config.get("stage")  # forces the deferred load of the config file
+  except OSError as e:  # ml_collections defers config-file load errors to here
+    print(f"error: --config: {str(e).splitlines()[0]}: {str(e).splitlines()[-1].strip()}",
+          file=sys.stderr)
+    sys.exit(1)
+  if config is None or not _WORKDIR.value:
+    print("error: --config and --workdir are required", file=sys.stderr)
+    sys.exit(2)
+  try:
+    initialize_distributed()
+    run_stage(config, _WORKDIR.value)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+def parse_flags(argv):
+  """absl flag parsing, with config-override mistakes reported as one line.
+
+  A mistyped override (`--config.optim.learning_rat=...`) or a config file that
+  fails to load surfaces from ml_collections as a deep traceback; the user only
+  needs the message (which includes "Did you mean ...").
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError, TypeError, ValueError, ImportError, OSError) as e:
+    message = str(e).replace("\\n", " ").replace("\\'", "'").strip("'\"").lstrip("'")
+    print(f"error: bad --config: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def run() -> None:
+  """Console script `rlhf-jax`."""
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,46 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="rlhf_jax",
+    version="0.1.0",
+    description="SFT, reward models and PPO from human feedback in JAX, one CPU to TPU pods.",
+    packages=find_packages(include=["rlhf_jax", "rlhf_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2,<0.12",
+        "flax>=0.12,<0.14",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "tensorflow-datasets>=4.9.10,<4.10",
+        "grain>=0.2.12,<0.3",
+        "array-record>=0.8,<0.9",
+        "sentencepiece>=0.2,<0.3",
+        "ml-collections>=1.1,<1.2",
+        "absl-py>=2.1,<3",
+        "tqdm>=4.66,<5",
+        "tensorboardX>=2.6,<3",
+        "matplotlib>=3.8,<4",
+        "safetensors>=0.4,<0.8",
+        "numpy>=1.26,<3",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8,<10",
+            "pytest-xdist>=3.5,<4",
+            "chex>=0.1.90,<0.2",
+            "hypothesis>=6.100,<7",
+            "torch==2.13.0",
+            "transformers>=4.50,<6",
+            "tokenizers>=0.20,<1",
+            "nbclient>=0.10,<0.12",
+            "nbformat>=5.10,<6",
+            "ipykernel>=6.29,<8",
+        ],
+        "bench": [
+            "torch==2.13.0",
+            "transformers>=4.50,<6",
+            "trl==1.12.0",
+        ],
+    },
+    entry_points={"console_scripts": ["rlhf-jax=rlhf_jax.train:run"]},
+)
