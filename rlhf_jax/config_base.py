@@ -139,6 +139,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.ppo.rm_checkpoint = ""  # directory of the RM run
   c.ppo.value_head = "keep"  # keep | reinit: the critic's head when copied from the RM
   c.ppo.eval_every_iterations = 10
+  # Eval prompt batches (data.eval_batch_size prompts each) per evaluation; 0 = all.
+  c.ppo.eval_batches = 4
+  # Best-of-N baseline at evaluation: N SFT samples per prompt, the RM keeps one
+  # (Stiennon et al. 2020). Costs N extra samplings per eval batch; 0 disables.
+  c.ppo.eval_best_of_n = 0
+  # Win rates at evaluation are judged by this Python callable, 'module:function':
+  # score(prompt, response) -> float or judge(prompt, a, b) -> P(a better); '' = the RM.
+  c.ppo.eval_judge = ""
+  # Held-out pretraining text ('text' format) for the alignment tax: the LM loss of
+  # the policy vs. the SFT model at evaluation. '' skips it.
+  c.ppo.ptx_eval_files = ""
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.new_tokens = 64  # fixed count; responses are truncated at the stop token
@@ -160,6 +171,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.log.every_steps = 10
   c.log.tensorboard = True
   c.log.progress_bar = True
+  # PPO: decode this many rollouts per iteration into WORKDIR/samples.jsonl (prompt,
+  # response, RM score) for reading or judging offline. 0 = none (no host transfer).
+  c.log.samples_per_iteration = 0
   return c
 
 

@@ -96,8 +96,9 @@ def sample(policy: PolicyModel, params, prompt_tokens: jax.Array, prompt_mask: j
   # ones not yet written.
   slot_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, n), jnp.int32)], axis=1)
   apply = functools.partial(policy.apply, {"params": params})
+  # Only the last prompt position's logits are used: skip the LM head elsewhere.
   logits, cache = apply(prompt_tokens, slot_mask, positions_from_mask(prompt_mask),
-                        cache=cache, cache_index=0)
+                        cache=cache, cache_index=0, logits_slice=(prompt_len - 1, 1))
   next_position = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)  # [B]
 
   rngs = jax.random.split(rng, n)

@@ -7,16 +7,14 @@ stderr and exit status 1; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
-import importlib
-import json
 import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from rlhf_jax import config_base
 from rlhf_jax.errors import UserError
+from rlhf_jax.trainers import run_stage
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/rm_hh.py:runlocal", lock_config=True)
@@ -25,15 +23,6 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for explicit multi-process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-
-# Stage -> "module:function(config, workdir)". Imported lazily so `--help` is fast.
-STAGE_RUNNERS = {
-    "sft": "rlhf_jax.trainers.supervised:train_sft",
-    "rm": "rlhf_jax.trainers.supervised:train_rm",
-    "ppo": "rlhf_jax.trainers.ppo:train_ppo",
-    "pipeline": "rlhf_jax.trainers.pipeline:run_pipeline",
-}
-
 
 def initialize_distributed() -> None:
   """Joins a multi-process run when asked to, or when a TPU VM / SLURM says so."""
@@ -47,22 +36,6 @@ def initialize_distributed() -> None:
                                process_id=_PROCESS_ID.value)
   elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_JOB_ID"):
     jax.distributed.initialize()  # auto-detects the cluster
-
-
-def write_config(config, workdir: str) -> None:
-  import jax
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
-
-
-def run_stage(config, workdir: str):
-  """Validates the config and runs the trainer its `stage` names."""
-  config_base.validate(config)
-  write_config(config, workdir)
-  module_name, function_name = STAGE_RUNNERS[config.stage].split(":")
-  return getattr(importlib.import_module(module_name), function_name)(config, workdir)
 
 
 def main(argv) -> None:

@@ -44,7 +44,10 @@ class PolicyModel(nn.Module):
               nn.initializers.normal(c.init_std), ("embed", "vocab")), name="lm_head")
 
   def __call__(self, tokens, mask=None, positions=None, cache: Optional[Cache] = None,
-               cache_index=None):
+               cache_index=None, logits_slice: Optional[tuple[int, int]] = None):
+    """`logits_slice=(start, length)` (static) returns only those positions' logits:
+    the LM head is the largest matmul of a small model, and PPO needs only the
+    response's predictions (and sampling only the prefill's last position)."""
     if mask is None:
       mask = jnp.ones(tokens.shape, jnp.int32)
     if positions is None:
@@ -52,6 +55,9 @@ class PolicyModel(nn.Module):
         raise ValueError("cached decoding needs explicit positions")
       positions = positions_from_mask(mask)
     h, new_cache = self.trunk(tokens, positions, mask, cache, cache_index)
+    if logits_slice is not None:
+      start, length = logits_slice
+      h = h[:, start:start + length]
     if self.config.tied_embeddings:
       logits = self.trunk.logits(h)
     else:
@@ -122,6 +128,6 @@ def response_logits(policy: PolicyModel, params, prompt_tokens, prompt_mask,
   """
   tokens, mask = join_prompt_response(prompt_tokens, prompt_mask, response_tokens,
                                       response_mask)
-  logits = policy.apply({"params": params}, tokens, mask)
   prompt_len, response_len = prompt_tokens.shape[-1], response_tokens.shape[-1]
-  return logits[:, prompt_len - 1: prompt_len - 1 + response_len]
+  return policy.apply({"params": params}, tokens, mask,
+                      logits_slice=(prompt_len - 1, response_len))
