@@ -45,8 +45,9 @@ def get_config(arg: str | None = None):
   c.pipeline.eval_batch_size = 64
   c.pipeline.sft = pipeline_section("demonstrations", batch_size=32, learning_rate=3e-3,
                                     steps=500, warmup_steps=30)
+  # About one epoch over the ~2,900 pairs left after dropping identical samples.
   c.pipeline.rm = pipeline_section("rankings", batch_size=32, learning_rate=1e-3,
-                                   steps=-1, warmup_steps=10)
+                                   steps=90, warmup_steps=10)
   c.pipeline.ppo = pipeline_section("prompts", batch_size=32, learning_rate=3e-4,
                                     steps=60)
 

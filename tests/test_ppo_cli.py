@@ -17,8 +17,6 @@ import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import pytest
 
 from rlhf_jax import checkpoint, config_base

@@ -54,6 +54,7 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, workdir: str
     c.rm.init_checkpoint = sft_dir  # InstructGPT: the RM starts from the SFT model
   elif stage == "ppo":
     c.ppo.iterations = section.steps
+    c.ppo.batch_size = section.batch_size  # prompts per iteration
     c.ppo.sft_checkpoint, c.ppo.rm_checkpoint = sft_dir, rm_dir
   if stage != "sft":
     c.tokenizer.path = os.path.join(sft_dir, "tokenizer.model")

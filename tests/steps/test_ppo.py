@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import pytest
 
 from rlhf_jax import kl_control, optim, sampling, sharding
 from rlhf_jax.steps import ppo
