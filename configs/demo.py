@@ -39,26 +39,26 @@ def get_config(arg: str | None = None):
   c.pipeline.task_seed = 0
   c.pipeline.task_train = 4000  # posts with a reference summary (SFT, PPO prompts)
   c.pipeline.task_eval = 256  # held-out posts: RM and gold evaluation
-  c.pipeline.comparison_prompts = 3000  # SFT-sample pairs labelled for the RM
+  c.pipeline.comparison_prompts = 4000  # SFT-sample pairs labelled for the RM
   # Sample the pairs hotter than PPO does, so the two summaries differ more often.
   c.pipeline.comparison_temperature = 1.0
   c.pipeline.eval_batch_size = 64
   c.pipeline.sft = pipeline_section("demonstrations", batch_size=32, learning_rate=3e-3,
-                                    steps=500, warmup_steps=30)
-  # About one epoch over the ~2,900 pairs left after dropping identical samples.
-  c.pipeline.rm = pipeline_section("rankings", batch_size=32, learning_rate=1e-3,
-                                   steps=90, warmup_steps=10)
+                                    steps=600, warmup_steps=30)
+  # About two epochs over the pairs left after dropping identical samples.
+  c.pipeline.rm = pipeline_section("rankings", batch_size=32, learning_rate=3e-4,
+                                   steps=240, warmup_steps=20)
   c.pipeline.ppo = pipeline_section("prompts", batch_size=32, learning_rate=3e-4,
                                     steps=60)
 
   c.tokenizer.vocab_size = 800
   c.tokenizer.model_type = "bpe"  # whole words: prompts stay under 96 tokens
   c.model.family = "gpt2"
-  c.model.d_model = 64
+  c.model.d_model = 128
   c.model.n_layers = 2
   c.model.n_heads = 4
   c.model.n_kv_heads = 4
-  c.model.d_ff = 256
+  c.model.d_ff = 512
   c.model.max_len = 136
   c.model.dtype = "float32"
 
@@ -98,6 +98,8 @@ def get_config(arg: str | None = None):
     c.pipeline.sft.steps = 20
     c.pipeline.rm.steps = 10
     c.pipeline.ppo.steps = 3
+    c.model.d_model = 64
+    c.model.d_ff = 256
     c.checkpoint.every_steps = 10
     c.log.every_steps = 5
   elif arg:
