@@ -24,7 +24,7 @@ def build_jax(args):
   config = TransformerConfig.from_config(dict(
       family="gpt2", vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers,
       n_heads=args.heads, n_kv_heads=args.heads, d_ff=4 * args.d_model,
-      max_len=args.prompt + args.new_tokens, dtype=args.dtype))
+      max_len=args.prompt + args.new_tokens, dtype=args.dtype, scan_layers=args.scan_layers))
   model = heads.PolicyModel(config)
   params = jax.jit(lambda r: model.init(r, jnp.ones((1, 4), jnp.int32))["params"])(
       jax.random.key(0))
@@ -70,6 +70,7 @@ def main():
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--compare_hf", action="store_true")
+  parser.add_argument("--scan_layers", action="store_true")
   args = parser.parse_args()
 
   runners = {"rlhf_jax": build_jax(args)}
