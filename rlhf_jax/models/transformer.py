@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.sharding import constrain
 
-Cache = dict[str, jax.Array]  # {'k': [L?,B,S,Hkv,Dh], 'v': ...}
+LayerCache = dict[str, jax.Array]  # {'k': [B, Hkv, S, Dh], 'v': ...}
+Cache = Any  # list of LayerCache, or one stacked over layers (see init_cache)
 
 _FAMILIES = {
     "gpt2": dict(norm="layernorm", positions="learned", mlp="gelu_tanh", use_bias=True,
@@ -156,7 +157,7 @@ class Attention(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache: Optional[Cache], cache_index):
+  def __call__(self, x, positions, mask, cache: Optional[LayerCache], cache_index):
     c = self.config
     dense = functools.partial(nn.DenseGeneral, dtype=c.dtype, param_dtype=c.param_dtype,
                               use_bias=c.use_bias)
@@ -174,29 +175,30 @@ class Attention(nn.Module):
     length = x.shape[1]
     if cache is None:
       query_slots = jnp.arange(length)
-      keys, values, new_cache = k, v, None
+      keys, values = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, Hkv, T, Dh]
     else:
+      cache = write_cache(cache, cache_index, k, v)
       query_slots = cache_index + jnp.arange(length)
-      keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
-                                                 cache_index, axis=1)
-      values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
-                                                   cache_index, axis=1)
-      new_cache = {"k": keys, "v": values}
-    key_slots = jnp.arange(keys.shape[1])
+      keys, values = cache["k"], cache["v"]
+    key_slots = jnp.arange(keys.shape[2])
     causal = key_slots[None, :] <= query_slots[:, None]
     # A query always sees itself, so padding rows stay finite (their outputs are
     # never read); real rows are unaffected because their own key is real.
     allowed = (causal[None] & (mask[:, None, :] > 0)) | (key_slots[None, None, :]
                                                           == query_slots[None, :, None])
-    out = jax.nn.dot_product_attention(
-        q.astype(c.dtype), keys.astype(c.dtype), values.astype(c.dtype),
-        mask=allowed[:, None, :, :])
+    q, keys, values = q.astype(c.dtype), keys.astype(c.dtype), values.astype(c.dtype)
+    if cache is None and jax.default_backend() != "cpu":
+      # Full pass on an accelerator: the fused kernel (cuDNN flash attention on GPU).
+      out = jax.nn.dot_product_attention(q, keys.swapaxes(1, 2), values.swapaxes(1, 2),
+                                         mask=allowed[:, None, :, :])
+    else:
+      out = grouped_attention(q, keys, values, allowed)
     out = constrain(out, ("batch", "length", "act_heads", None))
     out = nn.DenseGeneral(c.d_model, axis=(-2, -1), dtype=c.dtype,
                           param_dtype=c.param_dtype, use_bias=c.use_bias,
                           kernel_init=_init(c.init_std, ("heads", "kv", "embed")),
                           bias_init=_zeros(("embed",)), name="o")(out)
-    return out, new_cache
+    return out, cache
 
 
 class Mlp(nn.Module):
@@ -278,13 +280,12 @@ class Transformer(nn.Module):
     if c.scan_layers:
       h, cache = self.layers(h, cache, positions, mask, cache_index)
     else:
-      new_layers = []
+      new_cache = []
       for i, layer in enumerate(self.layers):
-        layer_cache = None if cache is None else jax.tree.map(lambda x: x[i], cache)
-        h, layer_cache = layer(h, layer_cache, positions, mask, cache_index)
-        new_layers.append(layer_cache)
-      if cache is not None:
-        cache = jax.tree.map(lambda *xs: jnp.stack(xs), *new_layers)
+        h, layer_cache = layer(h, None if cache is None else cache[i], positions, mask,
+                               cache_index)
+        new_cache.append(layer_cache)
+      cache = None if cache is None else new_cache
     return self.final_norm(h), cache
 
   def logits(self, h):
@@ -293,10 +294,52 @@ class Transformer(nn.Module):
 
 
 def init_cache(c: TransformerConfig, batch: int, length: int, dtype=None) -> Cache:
-  """Zeroed KV cache, stacked over layers: {'k','v'}: [L, B, S, Hkv, Dh]."""
-  shape = (c.n_layers, batch, length, c.n_kv_heads, c.head_dim)
+  """Zeroed KV cache: {'k','v'} of [B, Hkv, S, Dh] per layer.
+
+  A list with one dict per layer, so each layer's decode step reads and writes its
+  own buffer in place; stacked into one {'k','v'}: [L, B, Hkv, S, Dh] when the
+  layers are scanned (`scan_layers`), where the scan slices it per layer. Heads
+  come before slots, so attention reads each head's keys as one [S, Dh] matrix.
+  """
   dtype = c.dtype if dtype is None else dtype
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  shape = (batch, c.n_kv_heads, length, c.head_dim)
+  if c.scan_layers:
+    shape = (c.n_layers,) + shape
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+          for _ in range(c.n_layers)]
+
+
+CACHE_SLOT_AXIS = -2  # the S axis of every cache array, stacked or not
+
+
+def write_cache(cache: LayerCache, index, k: jax.Array, v: jax.Array) -> LayerCache:
+  """Writes k, v [B, T, Hkv, Dh] at slots index..index+T-1 of one layer's cache."""
+  def write(buffer, new):
+    return jax.lax.dynamic_update_slice_in_dim(
+        buffer, new.swapaxes(1, 2).astype(buffer.dtype), index, axis=2)
+  return {"k": write(cache["k"], k), "v": write(cache["v"], v)}
+
+
+def grouped_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
+                      allowed: jax.Array) -> jax.Array:
+  """Softmax attention with grouped-query heads, as two einsums.
+
+  q: [B, T, H, Dh]; keys, values: [B, Hkv, S, Dh]; allowed: [B, T, S] bool.
+  Returns [B, T, H, Dh]. Scores and softmax are float32 whatever the compute
+  dtype. On CPU this beats `jax.nn.dot_product_attention`, whose batched dot
+  transposes the keys of every head first.
+  """
+  b, t, h, dh = q.shape
+  kv_heads = keys.shape[1]
+  q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
+  scale = 1.0 / jnp.sqrt(jnp.float32(dh))
+  scores = jnp.einsum("btkgd,bksd->bkgts", q, keys,
+                      preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+  out = jnp.einsum("bkgts,bksd->btkgd", probs, values)
+  return out.reshape(b, t, h, dh)
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:

@@ -25,7 +25,8 @@ import optax
 
 from rlhf_jax import losses, optim
 from rlhf_jax.models.heads import RewardModel, join_prompt_response, last_token_index
-from rlhf_jax.models.transformer import Transformer, init_cache, positions_from_mask
+from rlhf_jax.models.transformer import (CACHE_SLOT_AXIS, Transformer, init_cache,
+                                         positions_from_mask)
 
 Batch = dict[str, jax.Array]
 
@@ -68,8 +69,11 @@ def response_rewards(model: RewardModel, params, batch: Batch) -> jax.Array:
                          positions_from_mask(prompt_mask), prompt_mask,
                          init_cache(c, b, p), 0)
   # Room for the responses after the prompt, then one copy per response.
-  cache = jax.tree.map(lambda x: jnp.repeat(
-      jnp.pad(x, ((0, 0), (0, 0), (0, r), (0, 0), (0, 0))), k, axis=1), cache)
+  def make_room(x):  # r empty slots after the prompt, then one copy per response
+    room = [(0, 0)] * x.ndim
+    room[CACHE_SLOT_AXIS] = (0, r)
+    return jnp.repeat(jnp.pad(x, room), k, axis=x.ndim - 4)  # the batch axis
+  cache = jax.tree.map(make_room, cache)
   mask = jnp.concatenate([jnp.repeat(prompt_mask, k, axis=0),
                           response_mask.reshape(b * k, r)], axis=-1).astype(jnp.int32)
   h, _ = trunk.apply(trunk_params, responses.reshape(b * k, r),
