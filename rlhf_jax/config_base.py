@@ -130,6 +130,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.ppo.kl_estimator = "k1"  # k1 (log-ratio) | k3 (Schulman's unbiased, non-negative)
   c.ppo.missing_eos_penalty = -1.0  # score of a response with no stop token
   c.ppo.whiten_rewards = False
+  # Behaviour log-probs: the sampler's (False), or a teacher-forced pass (True;
+  # worth it with bfloat16 compute, where cached decoding rounds differently).
+  c.ppo.recompute_logprobs = False
   # PPO-ptx (InstructGPT): gamma_ptx * LM loss on pretraining text, same step.
   c.ppo.gamma_ptx = 0.0
   c.ppo.ptx_files = ""

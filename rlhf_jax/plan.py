@@ -279,7 +279,8 @@ def _plan_ppo(config, mesh, model_config: TransformerConfig) -> list[Compiled]:
   i32, f32 = jnp.int32, jnp.float32
   prompts = _batch({"tokens": ((b, p), i32), "mask": ((b, p), i32)}, mesh)
   samples = sampling.Samples(*_batch({"tokens": ((b, n), i32), "mask": ((b, n), i32),
-                                      "logprobs": ((b, n), f32)}, mesh).values())
+                                      "logprobs": ((b, n), f32),
+                                      "entropy": ((b, n), f32)}, mesh).values())
   rollout_batch = _batch({k: ((b, p) if k.startswith("prompt") else (b, n),
                               i32 if k.endswith(("tokens", "mask")) else f32)
                           for k in rollout_lib.UPDATE_KEYS}, mesh)

@@ -47,6 +47,7 @@ class Samples(NamedTuple):
   tokens: jax.Array    # [B, N] int32, padding after the stop token
   mask: jax.Array      # [B, N] int32, 1 up to and including the first stop token
   logprobs: jax.Array  # [B, N] float32, 0 where mask is 0
+  entropy: jax.Array   # [B, N] float32, of each step's distribution; 0 where mask is 0
 
 
 def restrict_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -115,15 +116,16 @@ def draw_categorical(rng: jax.Array, logits: jax.Array, block: int = 0) -> jax.A
 
 
 def _choose(logits, rng, params: SamplingParams):
-  """Picks the next token; returns it with its log-prob at the temperature."""
+  """Picks the next token; returns it, its log-prob and the entropy at the temperature."""
   scaled = logits.astype(jnp.float32) / params.temperature
   if params.greedy:
     token = jnp.argmax(logits, axis=-1)
   else:
     token = draw_categorical(rng, restrict_logits(scaled, params.top_k, params.top_p))
-  logprob = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None],
-                                axis=-1)[:, 0]
-  return token.astype(jnp.int32), logprob
+  logp = jax.nn.log_softmax(scaled, axis=-1)
+  logprob = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+  entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+  return token.astype(jnp.int32), logprob, entropy
 
 
 def sample(policy: PolicyModel, params, prompt_tokens: jax.Array, prompt_mask: jax.Array,
@@ -143,33 +145,35 @@ def sample(policy: PolicyModel, params, prompt_tokens: jax.Array, prompt_mask: j
   next_position = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)  # [B]
 
   rngs = jax.random.split(rng, n)
-  token, logprob = _choose(logits[:, -1], rngs[0], sampling)
+  token, logprob, entropy = _choose(logits[:, -1], rngs[0], sampling)
   tokens = jnp.full((batch, n), sampling.pad_token, jnp.int32).at[:, 0].set(token)
   logprobs = jnp.zeros((batch, n), jnp.float32).at[:, 0].set(logprob)
+  entropies = jnp.zeros((batch, n), jnp.float32).at[:, 0].set(entropy)
   done = token == sampling.stop_token
   mask = jnp.zeros((batch, n), jnp.int32).at[:, 0].set(1)
 
   def keep_going(state):
-    i, _, _, _, _, done, _ = state
+    i, done = state[0], state[-2]
     return (i < n) & ~jnp.all(done)
 
   def step(state):
-    i, cache, token, tokens, logprobs, done, mask = state
+    i, cache, token, tokens, logprobs, entropies, done, mask = state
     # Feed token i - 1 at its cache slot, then choose token i.
     positions = (next_position + i - 1)[:, None]
     logits, cache = apply(token[:, None], slot_mask, positions, cache=cache,
                           cache_index=prompt_len + i - 1)
-    token, logprob = _choose(logits[:, 0], rngs[i], sampling)
+    token, logprob, entropy = _choose(logits[:, 0], rngs[i], sampling)
     live = ~done
     tokens = tokens.at[:, i].set(jnp.where(live, token, sampling.pad_token))
     logprobs = logprobs.at[:, i].set(jnp.where(live, logprob, 0.0))
+    entropies = entropies.at[:, i].set(jnp.where(live, entropy, 0.0))
     mask = mask.at[:, i].set(live.astype(jnp.int32))
     done = done | (token == sampling.stop_token)
-    return i + 1, cache, token, tokens, logprobs, done, mask
+    return i + 1, cache, token, tokens, logprobs, entropies, done, mask
 
-  state = (jnp.int32(1), cache, token, tokens, logprobs, done, mask)
-  _, _, _, tokens, logprobs, _, mask = jax.lax.while_loop(keep_going, step, state)
-  return Samples(tokens=tokens, mask=mask, logprobs=logprobs)
+  state = (jnp.int32(1), cache, token, tokens, logprobs, entropies, done, mask)
+  _, _, _, tokens, logprobs, entropies, _, mask = jax.lax.while_loop(keep_going, step, state)
+  return Samples(tokens=tokens, mask=mask, logprobs=logprobs, entropy=entropies)
 
 
 def make_sampler(policy: PolicyModel, sampling: SamplingParams):

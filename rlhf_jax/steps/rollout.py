@@ -68,6 +68,9 @@ class ScoringParams:
   gamma: float = 1.0
   lam: float = 0.95
   whiten_rewards: bool = False
+  # False: PPO's behaviour log-probs are the sampler's (the same float32 math as
+  # a teacher-forced pass, see sampling.py); True: recompute them teacher-forced.
+  recompute_logprobs: bool = False
 
   @classmethod
   def from_config(cls, config, *, stop_token: int) -> "ScoringParams":
@@ -75,7 +78,8 @@ class ScoringParams:
                kl_estimator=str(config.ppo.kl_estimator),
                missing_eos_penalty=float(config.ppo.missing_eos_penalty),
                gamma=float(config.ppo.gamma), lam=float(config.ppo.lam),
-               whiten_rewards=bool(config.ppo.whiten_rewards))
+               whiten_rewards=bool(config.ppo.whiten_rewards),
+               recompute_logprobs=bool(config.ppo.recompute_logprobs))
 
 
 # Keys of the rollout batch that the PPO update reads; all [B, ...] arrays.
@@ -160,10 +164,14 @@ def score(models: Models, params: dict[str, Any], prompt_tokens, prompt_mask,
   tokens, mask = samples.tokens, samples.mask.astype(jnp.int32)
   maskf = mask.astype(jnp.float32)
   temp = scoring.temperature
-  logp, logits = policy_logprobs(models.policy, params["policy"], prompt_tokens,
-                                 prompt_mask, tokens, mask, temp)
-  entropy = losses.masked_mean(losses.entropy_from_logits(logits, temp), mask)
-  del logits  # [B, R, V]: let XLA free it before the next forward
+  if scoring.recompute_logprobs:
+    logp, logits = policy_logprobs(models.policy, params["policy"], prompt_tokens,
+                                   prompt_mask, tokens, mask, temp)
+    entropy = losses.masked_mean(losses.entropy_from_logits(logits, temp), mask)
+    del logits  # [B, R, V]: let XLA free it before the next forward
+  else:
+    logp = _bt(samples.logprobs * mask)
+    entropy = losses.masked_mean(samples.entropy, mask)
   ref_logp, _ = policy_logprobs(models.policy, params["reference"], prompt_tokens,
                                 prompt_mask, tokens, mask, temp)
   values = response_values(models.value, params["value"], prompt_tokens, prompt_mask,
@@ -245,7 +253,7 @@ def make_rollout_fns(models: Models, sampling_params: sampling.SamplingParams,
   if params_sharding is None:
     return RolloutFns(jax.jit(generate), jax.jit(score_fn))
   b, r = batch_sharding, replicated
-  samples_sharding = sampling.Samples(b, b, b)
+  samples_sharding = sampling.Samples(b, b, b, b)
   generate = jax.jit(generate, in_shardings=(params_sharding["policy"], b, b, r),
                      out_shardings=samples_sharding)
   score_fn = jax.jit(score_fn, in_shardings=(params_sharding, b, b, samples_sharding, r),

@@ -195,7 +195,9 @@ def test_toy_task_reward_rises_while_adaptive_kl_holds_target():
     history.append((float(metrics["ppo/score"]), float(metrics["ppo/kl"]), ctl.value))
 
   scores, kls, betas = map(np.array, zip(*history))
-  assert kls[0] == 0.0  # the first rollout is the reference policy itself
+  # The first rollout is the reference policy itself: the sampler's log-probs and
+  # the reference's teacher-forced ones differ only by float rounding.
+  assert abs(kls[0]) < 1e-5
   # Measured: score -0.81 at the start, ~1.7 over the last 20 iterations.
   assert scores[-20:].mean() > scores[0] + 1.5, scores
   # Measured: KL ~3.1 over the last 20 iterations (it overshoots to ~7 first).

@@ -4,6 +4,9 @@ All tests share one `make_rollout_fns` pair (the trainer's factory) whose scorin
 function is wrapped in chex.assert_max_traces(n=1): every call below, with several
 betas, must reuse the first trace.
 """
+import dataclasses
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -23,8 +26,9 @@ B, P, R = 4, 5, 6
 def setup():
   models = tiny_models()
   params = tiny_params(models)
+  # Hand-written samples carry no log-probs: score them teacher-forced.
   scoring = rollout_lib.ScoringParams(stop_token=STOP, temperature=0.7,
-                                      missing_eos_penalty=PENALTY)
+                                      missing_eos_penalty=PENALTY, recompute_logprobs=True)
   sp = sampling.SamplingParams(new_tokens=R, stop_token=STOP, pad_token=PAD,
                                temperature=0.7)
   with pytest.MonkeyPatch.context() as mp:
@@ -50,8 +54,8 @@ def _hand_samples():
     else:
       tokens[b, s] = STOP
       mask[b, :s + 1] = 1
-  return stops, sampling.Samples(jnp.asarray(tokens), jnp.asarray(mask),
-                                 jnp.zeros((B, R), jnp.float32))
+  zeros = jnp.zeros((B, R), jnp.float32)
+  return stops, sampling.Samples(jnp.asarray(tokens), jnp.asarray(mask), zeros, zeros)
 
 
 def _reference_rm_and_values(models, params, pt, pm, samples):
@@ -162,6 +166,20 @@ def test_sampled_rollout_logprobs_match_sampler_and_beta_never_recompiles(setup,
   assert fns.score._cache_size() == 1
   # Teacher-forced log-probs equal the sampler's (same temperature-scaled logits).
   np.testing.assert_allclose(batch["logprobs"], samples.logprobs, atol=1e-5)
+
+
+def test_scoring_with_the_sampler_logprobs_equals_recomputing_them(setup):
+  models, params, scoring, fns, pt, pm = setup
+  samples = fns.generate(params["policy"], pt, pm, jax.random.key(4))
+  reuse = dataclasses.replace(scoring, recompute_logprobs=False)
+  score = lambda s: jax.jit(functools.partial(rollout_lib.score, models, scoring=s))(
+      params, pt, pm, samples, np.float32(BETA))
+  (recomputed, m_recomputed), (reused, m_reused) = score(scoring), score(reuse)
+  for key in ("logprobs", "kl", "rewards", "advantages", "returns"):
+    np.testing.assert_allclose(reused[key], recomputed[key], atol=5e-5, err_msg=key)
+  # The sampler's per-step entropies give the same mean as the teacher-forced logits.
+  assert float(m_reused["ppo/entropy"]) == pytest.approx(float(m_recomputed["ppo/entropy"]),
+                                                        rel=1e-5)
 
 
 def test_reward_fn_replaces_the_reward_model(setup):
