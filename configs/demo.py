@@ -38,16 +38,18 @@ def get_config(arg: str | None = None):
   c.pipeline.stages = "sft,rm,ppo"
   c.pipeline.task_seed = 0
   c.pipeline.task_train = 4000  # posts with a reference summary (SFT, PPO prompts)
-  c.pipeline.task_eval = 256  # held-out posts: RM and gold evaluation
-  c.pipeline.comparison_prompts = 4000  # SFT-sample pairs labelled for the RM
+  c.pipeline.task_eval = 512  # held-out posts: RM and gold evaluation
+  c.pipeline.comparison_prompts = 4000  # prompts whose SFT samples are ranked for the RM
+  # Summaries ranked per prompt (InstructGPT ranks 4 to 9): 6 comparisons a prompt.
+  c.pipeline.comparison_responses = 4
   # Sample the pairs hotter than PPO does, so the two summaries differ more often.
   c.pipeline.comparison_temperature = 1.0
   c.pipeline.eval_batch_size = 64
   c.pipeline.sft = pipeline_section("demonstrations", batch_size=32, learning_rate=3e-3,
                                     steps=600, warmup_steps=30)
-  # About two epochs over the pairs left after dropping identical samples.
+  # About two epochs over the ranked prompts (all K responses of one go together).
   c.pipeline.rm = pipeline_section("rankings", batch_size=32, learning_rate=3e-4,
-                                   steps=240, warmup_steps=20)
+                                   steps=250, warmup_steps=20)
   c.pipeline.ppo = pipeline_section("prompts", batch_size=32, learning_rate=3e-4,
                                     steps=60)
 
@@ -67,7 +69,7 @@ def get_config(arg: str | None = None):
   c.data.response_len = 40
   # The wordiest references run past 40 tokens: cut them (counted in summary.json).
   c.data.truncate = True
-  c.data.max_responses = 2
+  c.data.max_responses = 4  # the RM's rankings: comparison_responses
   c.data.num_epochs = 0  # repeat: steps set the length of each stage
   c.optim.schedule = "cosine"
   c.optim.weight_decay = 0.0

@@ -16,6 +16,7 @@ never leaves half a file behind, and a re-run skips what is already there.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from typing import Sequence
@@ -160,12 +161,14 @@ def _sampling_batch(config, mesh) -> int:
 
 
 def write_sampled_comparisons(config, workdir: str) -> None:
-  """Two SFT samples per prompt, ranked by the noisy labeler (rankings format).
+  """K SFT samples per prompt, ranked by the noisy labeler (rankings format).
 
-  Pairs whose two samples are the same text are dropped (they carry no
-  preference), and so are pairs with an empty sample (the data formats reject
-  empty responses); the gold scores of every kept pair go to gold.json so the report
-  can compare RM accuracy with what the label noise allows.
+  K is `pipeline.comparison_responses`: InstructGPT labels K = 4 to 9 responses
+  per prompt, and a ranking of K gives K(K-1)/2 comparisons for one prompt.
+  Repeated and empty samples are dropped (they carry no preference, and the data
+  formats reject empty responses); prompts left with fewer than two are skipped.
+  Every pair inside every ranking goes to gold.json with both gold scores, so the
+  report can compare RM accuracy with what the label noise allows.
   """
   out_dir = os.path.join(workdir, COMPARISONS_DIR)
   if os.path.exists(os.path.join(out_dir, "gold.json")):
@@ -185,16 +188,17 @@ def write_sampled_comparisons(config, workdir: str) -> None:
                            temperature=p.comparison_temperature,
                            seed=1000 * draw + (split == "eval"),
                            batch_size=_sampling_batch(config, mesh))[0]
-             for draw in range(2)]
+             for draw in range(p.comparison_responses)]
     records, gold_pairs = [], []
-    for prompt, a, b in zip(prompts, *texts):
-      if a == b or not a or not b:
+    for prompt, *candidates in zip(prompts, *texts):
+      responses = list(dict.fromkeys(t for t in candidates if t))  # distinct, in order
+      if len(responses) < 2:
         continue
-      preferred = synthetic.label(rng, prompt, a, b)
-      records.append({"prompt": prompt, "responses": [a, b],
-                      "ranks": [0, 1] if preferred == 0 else [1, 0]})
-      gold_pairs.append([synthetic.gold_score(prompt, a), synthetic.gold_score(prompt, b),
-                         preferred])
+      ranks = synthetic.rank(rng, prompt, responses)
+      records.append({"prompt": prompt, "responses": responses, "ranks": ranks})
+      golds = [synthetic.gold_score(prompt, t) for t in responses]
+      for i, j in itertools.combinations(range(len(responses)), 2):
+        gold_pairs.append([golds[i], golds[j], 0 if ranks[i] < ranks[j] else 1])
     if jax.process_index() == 0:
       _write_jsonl_atomically(os.path.join(out_dir, f"{split}.jsonl"), records)
     gold[split] = gold_pairs

@@ -326,6 +326,23 @@ def label(rng: np.random.Generator, prompt: str, summary_a: str, summary_b: str)
   return 0 if rng.random() < p_a else 1
 
 
+def rank(rng: np.random.Generator, prompt: str, summaries: list[str],
+         temperature: float = LABEL_TEMPERATURE) -> list[int]:
+  """A simulated labeler's ranking of K summaries (InstructGPT's K-wise format).
+
+  Returns ranks, 0 for the best. Plackett-Luce with weights exp(gold / T), drawn
+  by sorting gold / T plus Gumbel noise: each pair inside a ranking is ordered
+  with the Bradley-Terry probability that `label` uses for a single comparison
+  (Luce's choice axiom), so a K-wise ranking is K(K-1)/2 labels of the same
+  quality for one prompt.
+  """
+  gold = np.array([gold_score(prompt, s) for s in summaries], np.float64) / temperature
+  order = np.argsort(-(gold + rng.gumbel(size=len(summaries))))
+  ranks = np.empty(len(summaries), np.int64)
+  ranks[order] = np.arange(len(summaries))
+  return ranks.tolist()
+
+
 def noise_ceiling(gold_a, gold_b, temperature: float = LABEL_TEMPERATURE) -> float:
   """Expected accuracy of the best possible reward model against noisy labels.
 
