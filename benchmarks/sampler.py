@@ -58,7 +58,7 @@ def build_hf(args):
   return run
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--prompt", type=int, default=64)
@@ -71,7 +71,11 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--compare_hf", action="store_true")
   parser.add_argument("--scan_layers", action="store_true")
-  args = parser.parse_args()
+  return parser.parse_args(argv)
+
+
+def main():
+  args = parse_args()
 
   runners = {"rlhf_jax": build_jax(args)}
   if args.compare_hf:

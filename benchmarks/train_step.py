@@ -36,35 +36,7 @@ from rlhf_jax.models.transformer import TransformerConfig
 from rlhf_jax.steps import reward
 from rlhf_jax.trainers import common
 
-# Peak dense bf16 FLOP/s of accelerators we know (per chip).
-ACCELERATOR_PEAK = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12,
-                    "TPU v6 lite": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
-                    "NVIDIA A100": 312e12}
-
-
-def cpu_peak_flops() -> tuple[float, str]:
-  """cores x MHz x FLOPs/cycle from /proc/cpuinfo (float32, FMA counted as 2)."""
-  try:
-    info = open("/proc/cpuinfo").read()
-  except OSError:
-    return float("nan"), "unknown CPU"
-  mhz = [float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
-  cores = os.cpu_count() or 1
-  per_cycle = 64 if "avx512f" in info else 32 if ("avx2" in info and "fma" in info) else 8
-  ghz = (max(mhz) if mhz else 2000.0) / 1000
-  return cores * ghz * 1e9 * per_cycle, (f"{cores} cores x {ghz:.2f} GHz x {per_cycle} "
-                                          f"FLOP/cycle")
-
-
-def device_peak() -> tuple[float, str]:
-  device = jax.devices()[0]
-  if device.platform == "cpu":
-    return cpu_peak_flops()
-  kind = device.device_kind
-  for name, peak in ACCELERATOR_PEAK.items():
-    if kind.startswith(name):
-      return peak * jax.device_count(), f"{jax.device_count()} x {kind} bf16 peak"
-  return float("nan"), kind
+from mfu import device_peak  # the one table of device peaks
 
 
 def make_batch(args, rng: np.random.Generator) -> dict:
@@ -90,8 +62,8 @@ def time_steps(run_step, steps: int) -> tuple[float, float]:
   return statistics.median(walls), statistics.median(cpus)
 
 
-def bench_jax(args, model_config: TransformerConfig, batch: dict):
-  """((wall, cpu) seconds per step, compile seconds) of the jitted rlhf_jax RM step."""
+def build_jax(args, model_config: TransformerConfig, batch: dict):
+  """(run, compile seconds): `run()` does one jitted rlhf_jax RM step, blocking."""
   config = config_base.base_config()
   config.optim.weight_decay = 0.01
   mesh = sharding.make_mesh(config.mesh)
@@ -110,19 +82,24 @@ def bench_jax(args, model_config: TransformerConfig, batch: dict):
     start = time.perf_counter()
     compiled = step.lower(state, device_batch, rng).compile()
     compile_s = time.perf_counter() - start
-    holder = {"state": state}
+  holder = {"state": state}
 
-    def run():
-      holder["state"], metrics = compiled(holder["state"], device_batch, rng)
-      jax.block_until_ready(metrics["loss/rm"])
-
-    time_steps(run, args.warmup)
-    return time_steps(run, args.steps), compile_s
+  def run():
+    holder["state"], metrics = compiled(holder["state"], device_batch, rng)
+    jax.block_until_ready(metrics["loss/rm"])
+  return run, compile_s
 
 
-def bench_torch(args, batch: dict) -> tuple[float, float]:
-  """(wall, cpu) seconds per step of the same model, loss and optimizer in PyTorch
-  eager: fused qkv, flash-style causal SDPA, the reward at the last token."""
+def bench_jax(args, model_config: TransformerConfig, batch: dict):
+  """((wall, cpu) seconds per step, compile seconds) of the jitted rlhf_jax RM step."""
+  run, compile_s = build_jax(args, model_config, batch)
+  time_steps(run, args.warmup)
+  return time_steps(run, args.steps), compile_s
+
+
+def build_torch(args, batch: dict):
+  """`run()`: one step of the same model, loss and optimizer in PyTorch eager:
+  fused qkv, flash-style causal SDPA, the reward at the last token."""
   import torch
   from torch import nn
   import torch.nn.functional as F
@@ -149,7 +126,7 @@ def bench_torch(args, batch: dict) -> tuple[float, float]:
   class Reward(nn.Module):
     def __init__(self):
       super().__init__()
-      self.embed, self.pos = nn.Embedding(args.vocab, d), nn.Embedding(512, d)
+      self.embed, self.pos = nn.Embedding(args.vocab, d), nn.Embedding(max_len(args), d)
       self.blocks = nn.ModuleList(Block() for _ in range(args.n_layers))
       self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, 1)
 
@@ -172,12 +149,17 @@ def bench_torch(args, batch: dict) -> tuple[float, float]:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
+  return run
 
+
+def bench_torch(args, batch: dict) -> tuple[float, float]:
+  """(wall, cpu) seconds per step of the PyTorch eager step."""
+  run = build_torch(args, batch)
   time_steps(run, args.warmup)
   return time_steps(run, args.steps)
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--n_layers", type=int, default=4)
   parser.add_argument("--d_model", type=int, default=256)
@@ -191,12 +173,26 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--no-torch", dest="torch", action="store_false")
-  args = parser.parse_args()
+  return parser.parse_args(argv)
 
-  model_config = TransformerConfig.from_config(dict(
+
+def model_config_of(args) -> TransformerConfig:
+  """The GPT-2-shaped reward trunk of `args` (d_ff = 4 d_model)."""
+  return TransformerConfig.from_config(dict(
       family="gpt2", vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers,
       n_heads=args.n_heads, n_kv_heads=args.n_heads, d_ff=4 * args.d_model,
-      max_len=512, dtype=args.dtype))
+      max_len=max_len(args), dtype=args.dtype))
+
+
+def max_len(args) -> int:
+  """Rows of the learned position table: 512 (as before), or longer sequences."""
+  return max(512, args.prompt_len + args.response_len)
+
+
+def main() -> None:
+  args = parse_args()
+
+  model_config = model_config_of(args)
   batch = make_batch(args, np.random.default_rng(0))
   # Throughput counts sequence tokens (2 x pairs x (prompt + response)), as the
   # reference does; FLOPs count the tokens the model actually runs, since the
