@@ -21,6 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax import losses
 from rlhf_jax.models.heads import PolicyModel
 from rlhf_jax.models.transformer import init_cache, positions_from_mask
 
@@ -122,10 +123,9 @@ def _choose(logits, rng, params: SamplingParams):
     token = jnp.argmax(logits, axis=-1)
   else:
     token = draw_categorical(rng, restrict_logits(scaled, params.top_k, params.top_p))
-  logp = jax.nn.log_softmax(scaled, axis=-1)
-  logprob = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
-  entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-  return token.astype(jnp.int32), logprob, entropy
+  logprob = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None],
+                                axis=-1)[:, 0]
+  return token.astype(jnp.int32), logprob, losses.entropy_from_logits(scaled)
 
 
 def sample(policy: PolicyModel, params, prompt_tokens: jax.Array, prompt_mask: jax.Array,

@@ -68,7 +68,6 @@ def response_rewards(model: RewardModel, params, batch: Batch) -> jax.Array:
   _, cache = trunk.apply(trunk_params, batch["prompt_tokens"],
                          positions_from_mask(prompt_mask), prompt_mask,
                          init_cache(c, b, p), 0)
-  # Room for the responses after the prompt, then one copy per response.
   def make_room(x):  # r empty slots after the prompt, then one copy per response
     room = [(0, 0)] * x.ndim
     room[CACHE_SLOT_AXIS] = (0, r)

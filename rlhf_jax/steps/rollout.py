@@ -253,7 +253,7 @@ def make_rollout_fns(models: Models, sampling_params: sampling.SamplingParams,
   if params_sharding is None:
     return RolloutFns(jax.jit(generate), jax.jit(score_fn))
   b, r = batch_sharding, replicated
-  samples_sharding = sampling.Samples(b, b, b, b)
+  samples_sharding = sampling.Samples(*[b] * len(sampling.Samples._fields))
   generate = jax.jit(generate, in_shardings=(params_sharding["policy"], b, b, r),
                      out_shardings=samples_sharding)
   score_fn = jax.jit(score_fn, in_shardings=(params_sharding, b, b, samples_sharding, r),
