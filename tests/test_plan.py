@@ -21,7 +21,7 @@ def tiny_config(stage: str):
   c.data.format = "tldr"  # SFT trains on the preferred summary, the RM on the pair
   c.model.vocab_size = 128
   c.model.d_model = 32
-  c.model.n_layers = 1
+  c.model.n_layers = 2
   c.model.n_heads = 2
   c.model.n_kv_heads = 2
   c.model.d_ff = 64
@@ -44,8 +44,9 @@ def test_plan_reports_memory_and_flops(stage):
     assert step[key] > 0, key
   # The state is donated: its output buffers alias its argument buffers.
   assert 0 < step["alias"] <= step["argument"]
-  # A 1-layer model has no loops: XLA's count is close to 6 x params x tokens
-  # (attention, norms and the embedding lookup make up the difference).
+  # Unrolled layers have no loops: XLA's count is close to 6 x params x tokens
+  # (attention, norms, the embedding lookup and the RM's last layer, which runs
+  # only at the EOS, make up the difference).
   assert step["xla_flops"] > 0
   assert 1 / 3 < step["xla_flops"] / step["analytic_flops"] < 3
   assert result["fits"] and step["peak"] < 64 * 2 ** 20

@@ -47,17 +47,16 @@ class PolicyModel(nn.Module):
                cache_index=None, logits_slice: Optional[tuple[int, int]] = None):
     """`logits_slice=(start, length)` (static) returns only those positions' logits:
     the LM head is the largest matmul of a small model, and PPO needs only the
-    response's predictions (and sampling only the prefill's last position)."""
+    response's predictions (and sampling only the prefill's last position). The
+    trunk's last layer then also runs only there (transformer.py, `read`)."""
     if mask is None:
       mask = jnp.ones(tokens.shape, jnp.int32)
     if positions is None:
       if cache is not None:
         raise ValueError("cached decoding needs explicit positions")
       positions = positions_from_mask(mask)
-    h, new_cache = self.trunk(tokens, positions, mask, cache, cache_index)
-    if logits_slice is not None:
-      start, length = logits_slice
-      h = h[:, start:start + length]
+    h, new_cache = self.trunk(tokens, positions, mask, cache, cache_index,
+                              read=logits_slice)
     if self.config.tied_embeddings:
       logits = self.trunk.logits(h)
     else:
@@ -67,15 +66,20 @@ class PolicyModel(nn.Module):
 
 
 class ScalarModel(nn.Module):
-  """Trunk + linear head: `gain * head(h) + bias` at every position, float32."""
+  """Trunk + linear head: `gain * head(h) + bias` at every position, float32.
+
+  `read` (a static (start, length) slice or indices [B, Q]) returns the scalars at
+  those positions only, and runs the trunk's last layer only there.
+  """
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, tokens, mask=None, positions=None):
+  def __call__(self, tokens, mask=None, positions=None, read=None):
     c = self.config
     if mask is None:
       mask = jnp.ones(tokens.shape, jnp.int32)
-    h, _ = Transformer(c, name="trunk")(tokens, _positions(mask, positions), mask)
+    h, _ = Transformer(c, name="trunk")(tokens, _positions(mask, positions), mask,
+                                        read=read)
     # Head init normal(0, 1/sqrt(d_model + 1)), as in Stiennon et al. 2020.
     head = nn.Dense(1, dtype=jnp.float32, param_dtype=c.param_dtype,
                     kernel_init=nn.with_logical_partitioning(
@@ -107,9 +111,7 @@ class RewardModel(ScalarModel):
   def __call__(self, tokens, mask=None, positions=None):
     if mask is None:
       mask = jnp.ones(tokens.shape, jnp.int32)
-    scores = super().__call__(tokens, mask, positions)
-    index = last_token_index(mask)
-    return jnp.take_along_axis(scores, index[:, None], axis=-1)[:, 0]
+    return super().__call__(tokens, mask, positions, read=last_token_index(mask)[:, None])[:, 0]
 
 
 def join_prompt_response(prompt_tokens, prompt_mask, response_tokens, response_mask):

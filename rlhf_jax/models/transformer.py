@@ -15,6 +15,14 @@ The same call computes a full teacher-forced pass or a step of cached decoding: 
 `cache`, the new keys/values are written at slot `cache_index` and the queries attend
 over the whole cache. `mask` is the key mask over the tokens (full pass) or over the
 cache slots (cached pass): 1 for real tokens, so left padding is simply masked out.
+
+`read` names the positions whose hidden states the caller will use: a static
+`(start, length)` slice, or int indices [B, Q]. Every layer but the last still runs at
+every position (later layers attend to their keys and values), but the last one
+needs only its keys and values everywhere: its queries, attention output and MLP run
+at the read positions alone. A reward model read at the EOS, a value head and an LM
+head read over the response, or a prefill read at its last token skip most of a
+layer's FLOPs this way, with the same outputs.
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ from rlhf_jax.sharding import constrain
 
 LayerCache = dict[str, jax.Array]  # {'k': [B, Hkv, S, Dh], 'v': ...}
 Cache = Any  # list of LayerCache, or one stacked over layers (see init_cache)
+Read = Any  # None (every position), a static (start, length) slice, or indices [B, Q]
 
 _FAMILIES = {
     "gpt2": dict(norm="layernorm", positions="learned", mlp="gelu_tanh", use_bias=True,
@@ -157,35 +166,36 @@ class Attention(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache: Optional[LayerCache], cache_index):
+  def __call__(self, x, positions, mask, cache: Optional[LayerCache], cache_index,
+               read: Read = None):
+    """Keys and values from every position of `x`; queries only at `read`."""
     c = self.config
     dense = functools.partial(nn.DenseGeneral, dtype=c.dtype, param_dtype=c.param_dtype,
                               use_bias=c.use_bias)
     q = dense((c.n_heads, c.head_dim), kernel_init=_init(c.init_std, ("embed", "heads", "kv")),
-              bias_init=_zeros(("heads", "kv")), name="q")(x)
+              bias_init=_zeros(("heads", "kv")), name="q")(read_positions(x, read))
     kv_axes = ("embed", "kv_heads", "kv")
     k = dense((c.n_kv_heads, c.head_dim), kernel_init=_init(c.init_std, kv_axes),
               bias_init=_zeros(("kv_heads", "kv")), name="k")(x)
     v = dense((c.n_kv_heads, c.head_dim), kernel_init=_init(c.init_std, kv_axes),
               bias_init=_zeros(("kv_heads", "kv")), name="v")(x)
     if c.positions == "rope":
-      q = rope(q, positions, c.rope_theta, c.rotary_pct)
+      q = rope(q, read_positions(positions, read), c.rope_theta, c.rotary_pct)
       k = rope(k, positions, c.rope_theta, c.rotary_pct)
 
-    length = x.shape[1]
+    # Slots (cache positions) of the queries, [1 or B, Tq], and of the keys, [S].
+    query_slots = _read_slots(x.shape[1], read)
     if cache is None:
-      query_slots = jnp.arange(length)
       keys, values = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, Hkv, T, Dh]
     else:
       cache = write_cache(cache, cache_index, k, v)
-      query_slots = cache_index + jnp.arange(length)
+      query_slots = cache_index + query_slots
       keys, values = cache["k"], cache["v"]
     key_slots = jnp.arange(keys.shape[2])
-    causal = key_slots[None, :] <= query_slots[:, None]
+    causal = key_slots <= query_slots[..., None]
     # A query always sees itself, so padding rows stay finite (their outputs are
     # never read); real rows are unaffected because their own key is real.
-    allowed = (causal[None] & (mask[:, None, :] > 0)) | (key_slots[None, None, :]
-                                                          == query_slots[None, :, None])
+    allowed = (causal & (mask[:, None, :] > 0)) | (key_slots == query_slots[..., None])
     q, keys, values = q.astype(c.dtype), keys.astype(c.dtype), values.astype(c.dtype)
     if cache is None and jax.default_backend() != "cpu":
       # Full pass on an accelerator: the fused kernel (cuDNN flash attention on GPU).
@@ -223,14 +233,18 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """One transformer layer; `(h, cache) -> (h, cache)` so it can be scanned."""
+  """One transformer layer; `(h, cache) -> (h, cache)` so it can be scanned.
+
+  With `read`, the output holds only the read positions (see the module docstring).
+  """
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, h, cache, positions, mask, cache_index):
+  def __call__(self, h, cache, positions, mask, cache_index, read: Read = None):
     c = self.config
     attn_out, cache = Attention(c, name="attn")(
-        Norm(c, name="attn_norm")(h), positions, mask, cache, cache_index)
+        Norm(c, name="attn_norm")(h), positions, mask, cache, cache_index, read)
+    h = read_positions(h, read)
     if c.parallel_residual:  # GPT-NeoX: h + attn(ln1(h)) + mlp(ln2(h))
       h = h + attn_out + Mlp(c, name="mlp")(Norm(c, name="mlp_norm")(h))
     else:
@@ -271,19 +285,24 @@ class Transformer(nn.Module):
     self.final_norm = Norm(c, name="final_norm")
 
   def __call__(self, tokens, positions, mask, cache: Optional[Cache] = None,
-               cache_index=None):
+               cache_index=None, read: Read = None):
+    """Hidden states [B, T, d_model], or [B, Q, d_model] at the `read` positions."""
     c = self.config
     h = self.embed(tokens)
     if c.positions == "learned":
       h = h + self.pos_embed(positions)
     h = constrain(h, ("batch", "length", "act_embed"))
     if c.scan_layers:
+      # Scanned layers are one traced body, so the last cannot run apart: every
+      # layer runs at every position and the read positions are picked after.
       h, cache = self.layers(h, cache, positions, mask, cache_index)
+      h = read_positions(h, read)
     else:
       new_cache = []
       for i, layer in enumerate(self.layers):
+        last = i == len(self.layers) - 1
         h, layer_cache = layer(h, None if cache is None else cache[i], positions, mask,
-                               cache_index)
+                               cache_index, read if last else None)
         new_cache.append(layer_cache)
       cache = None if cache is None else new_cache
     return self.final_norm(h), cache
@@ -340,6 +359,35 @@ def grouped_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
   probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
   out = jnp.einsum("bkgts,bksd->btkgd", probs, values)
   return out.reshape(b, t, h, dh)
+
+
+def read_positions(x: jax.Array, read: Read) -> jax.Array:
+  """The `read` positions of x [B, T, ...] (axis 1), or x itself for read=None.
+
+  A static (start, length) slice costs nothing. Indices [B, Q] select with a one-hot
+  contraction rather than a gather: it partitions over a sharded batch like any
+  batched matmul (a gather here makes GSPMD replicate the activations), and its
+  gradient is another small matmul, not a scatter.
+  """
+  if read is None:
+    return x
+  if isinstance(read, tuple):
+    start, length = read
+    return jax.lax.slice_in_dim(x, start, start + length, axis=1)
+  one_hot = read[..., None] == jnp.arange(x.shape[1])  # [B, Q, T]
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return jnp.sum(jnp.where(one_hot, x[:, None], 0), axis=2)
+  return jnp.einsum("bqt,bt...->bq...", one_hot.astype(x.dtype), x)
+
+
+def _read_slots(length: int, read: Read) -> jax.Array:
+  """Positions [1 or B, Q] of the queries that `read` keeps among `length` tokens."""
+  if read is None:
+    return jnp.arange(length)[None]
+  if isinstance(read, tuple):
+    start, size = read
+    return jnp.arange(start, start + size)[None]
+  return read
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:

@@ -65,9 +65,10 @@ def response_rewards(model: RewardModel, params, batch: Batch) -> jax.Array:
   p = prompt_mask.shape[-1]
   trunk = Transformer(c)
   trunk_params = {"params": params["trunk"]}
+  # Only the prompt's keys and values are needed: no position is read.
   _, cache = trunk.apply(trunk_params, batch["prompt_tokens"],
                          positions_from_mask(prompt_mask), prompt_mask,
-                         init_cache(c, b, p), 0)
+                         init_cache(c, b, p), 0, read=(0, 0))
   def make_room(x):  # r empty slots after the prompt, then one copy per response
     room = [(0, 0)] * x.ndim
     room[CACHE_SLOT_AXIS] = (0, r)
@@ -75,11 +76,11 @@ def response_rewards(model: RewardModel, params, batch: Batch) -> jax.Array:
   cache = jax.tree.map(make_room, cache)
   mask = jnp.concatenate([jnp.repeat(prompt_mask, k, axis=0),
                           response_mask.reshape(b * k, r)], axis=-1).astype(jnp.int32)
-  h, _ = trunk.apply(trunk_params, responses.reshape(b * k, r),
-                     positions_from_mask(mask)[:, p:], mask, cache, p)
   last = last_token_index(response_mask.reshape(b * k, r))
-  h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
-  return _scalar_head(params, h_last).reshape(b, k)
+  h_last, _ = trunk.apply(trunk_params, responses.reshape(b * k, r),
+                          positions_from_mask(mask)[:, p:], mask, cache, p,
+                          read=last[:, None])
+  return _scalar_head(params, h_last[:, 0]).reshape(b, k)
 
 
 def prompts_with_pairs(ranks, valid, weight) -> jax.Array:

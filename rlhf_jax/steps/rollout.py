@@ -113,9 +113,9 @@ def response_values(value: heads.ValueModel, params, prompt_tokens, prompt_mask,
   """
   tokens, mask = heads.join_prompt_response(prompt_tokens, prompt_mask,
                                             response_tokens, response_mask)
-  v = value.apply({"params": params}, tokens, mask)
   p, r = prompt_tokens.shape[-1], response_tokens.shape[-1]
-  return _bt(v[:, p - 1: p - 1 + r] * response_mask)
+  v = value.apply({"params": params}, tokens, mask, read=(p - 1, r))
+  return _bt(v * response_mask)
 
 
 def has_stop_token(response_tokens, response_mask, stop_token: int):

@@ -8,7 +8,8 @@ import pytest
 
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.models import heads
-from rlhf_jax.models.transformer import TransformerConfig, init_cache, positions_from_mask
+from rlhf_jax.models.transformer import (Transformer, TransformerConfig, init_cache,
+                                         positions_from_mask)
 from tests.models.model_fixtures import (FAMILIES, init_params, left_padded_prompts,
                                          tiny_config, with_scan)
 
@@ -74,6 +75,46 @@ def test_scan_and_unrolled_layers_agree(family):
   np.testing.assert_allclose(unrolled.apply({"params": params}, tokens, mask),
                              scanned.apply({"params": scanned_params}, tokens, mask),
                              atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reading_some_positions_equals_the_full_pass_there(family):
+  """`read` runs the last layer at fewer positions; values and gradients match the
+  full pass indexed afterwards, for a static slice and for per-row indices."""
+  config = tiny_config(family, n_layers=3)
+  model = heads.ScalarModel(config)
+  params = init_params(model)
+  tokens, mask = left_padded_prompts(4, 9, seed=3)
+  index = jnp.array([[8, 2], [5, 8], [3, 3], [7, 6]])
+  reads = {"slice": ((3, 4), lambda v: v[:, 3:7]),
+           "index": (index, lambda v: jnp.take_along_axis(v, index, axis=1))}
+  for name, (read, pick) in reads.items():
+    def loss(p, read=read):
+      return jnp.sum(jnp.sin(model.apply({"params": p}, tokens, mask, read=read)))
+
+    def full_loss(p, pick=pick):
+      return jnp.sum(jnp.sin(pick(model.apply({"params": p}, tokens, mask))))
+
+    (got, got_grad), (want, want_grad) = (jax.value_and_grad(f)(params)
+                                          for f in (loss, full_loss))
+    np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name),
+                 got_grad, want_grad)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reading_no_position_still_fills_the_whole_cache(family):
+  """A prefill that reads nothing writes the same keys and values as a full one."""
+  config = tiny_config(family)
+  trunk = Transformer(config)
+  params = {"params": init_params(heads.PolicyModel(config))["trunk"]}
+  tokens, mask = left_padded_prompts(3, 6, seed=4)
+  positions = positions_from_mask(mask)
+  h, nothing_read = trunk.apply(params, tokens, positions, mask, init_cache(config, 3, 6), 0,
+                                read=(0, 0))
+  _, full = trunk.apply(params, tokens, positions, mask, init_cache(config, 3, 6), 0)
+  assert h.shape == (3, 0, config.d_model)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), nothing_read, full)
 
 
 def test_reward_is_read_at_last_real_token():
