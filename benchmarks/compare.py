@@ -39,6 +39,11 @@ a shared machine, from process CPU time. Issue 8's goals on a 2-core CPU: rm
 """
 from __future__ import annotations
 
+from rlhf_jax import host_memory
+
+# As the trainer does, before jax starts its threads (rlhf_jax/host_memory.py).
+host_memory.configure_for_this_host()
+
 import argparse
 import datetime
 import importlib.metadata
@@ -76,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--torch_threads", type=int, default=0,
                       help="PyTorch intra-op threads, here and in the TRL worker "
                       "(0: PyTorch's default, one per core)")
+  parser.add_argument("--trl_keep_freed_memory", type=int, default=0,
+                      help="1: TRL's worker gets rlhf_jax's CPU malloc settings too "
+                      "(benchmarks/ppo.py); 0: TRL as it ships")
   parser.add_argument("--json", default="", help="write the results to this file")
   shape = parser.add_argument_group("model (GPT-2 shape, d_ff = 4 x d_model)")
   shape.add_argument("--n_layers", type=int, default=4)
@@ -154,7 +162,8 @@ def ppo_args(args):
       f"--warmup={args.warmup}", f"--iterations={args.repeats}", f"--dtype={args.dtype}",
       f"--vocab={args.vocab}", f"--d_model={args.d_model}", f"--n_layers={args.n_layers}",
       f"--n_heads={args.n_heads}", f"--d_ff={4 * args.d_model}",
-      f"--torch_threads={args.torch_threads}"])
+      f"--torch_threads={args.torch_threads}",
+      f"--trl_keep_freed_memory={args.trl_keep_freed_memory}"])
 
 
 def iteration_result(times: dict[str, float]) -> dict:

@@ -50,7 +50,8 @@ from typing import Callable, Optional
 SHAPE = dict(vocab=8000, d_model=256, n_layers=4, n_heads=4, d_ff=1024)
 SHAPE_FLAGS = tuple(SHAPE)
 RUN_FLAGS = ("batch", "prompt_len", "new_tokens", "epochs", "minibatches", "warmup",
-             "iterations", "peak_tflops", "torch_threads") + SHAPE_FLAGS
+             "iterations", "peak_tflops", "torch_threads",
+             "trl_keep_freed_memory") + SHAPE_FLAGS
 
 
 def parse_args(argv=None):
@@ -71,6 +72,10 @@ def parse_args(argv=None):
                       help="device peak TFLOP/s for MFU (0: not reported)")
   parser.add_argument("--torch_threads", type=int, default=0,
                       help="TRL's PyTorch intra-op threads (0: PyTorch's default)")
+  parser.add_argument("--trl_keep_freed_memory", type=int, default=0,
+                      help="1: give TRL's process the malloc settings rlhf_jax's "
+                      "trainer uses on CPU (rlhf_jax/host_memory.py), to see how much "
+                      "of the difference they make; 0 (default): TRL as it ships")
   for name, default in SHAPE.items():
     parser.add_argument(f"--{name}", type=int, default=default, help="model shape")
   return parser.parse_args(argv)
@@ -494,6 +499,15 @@ def run_both(args) -> list[dict]:
 
 def main(argv=None):
   args = parse_args(argv)
+  # rlhf_jax/host_memory.py needs only the standard library: importable from the
+  # repository even in a TRL venv without rlhf_jax.
+  sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from rlhf_jax import host_memory
+  if args.impl in ("jax", "both"):
+    # As the trainer does, before jax starts its threads (rlhf_jax/host_memory.py).
+    host_memory.configure_for_this_host()
+  elif args.trl_keep_freed_memory:
+    host_memory.keep_freed_memory()  # before torch starts its threads
   if args.impl == "trl_worker":
     trl_worker(args)
     return

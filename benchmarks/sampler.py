@@ -7,6 +7,11 @@ Shape (the issue's reference): GPT-2 family, 4 layers, d_model 256, 4 heads, voc
 8000; batch 32, prompt 64, 64 new tokens, temperature 0.7. No stop token, so every
 row generates all 64 tokens in both stacks. Medians over --repeats runs, alternating.
 """
+from rlhf_jax import host_memory
+
+# As the trainer does, before jax starts its threads (rlhf_jax/host_memory.py).
+host_memory.configure_for_this_host()
+
 import argparse
 import statistics
 import time

@@ -22,6 +22,11 @@ estimate.
 """
 from __future__ import annotations
 
+from rlhf_jax import host_memory
+
+# As the trainer does, before jax starts its threads (rlhf_jax/host_memory.py).
+host_memory.configure_for_this_host()
+
 import argparse
 import os
 import statistics

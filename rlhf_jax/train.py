@@ -7,14 +7,19 @@ stderr and exit status 1; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
-import os
-import sys
+from rlhf_jax import host_memory
 
-from absl import app, flags
-from ml_collections import config_flags
+# Before jax, numpy or absl start a thread: see host_memory.py.
+host_memory.configure_for_this_host()
 
-from rlhf_jax.errors import UserError
-from rlhf_jax.trainers import run_stage
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from rlhf_jax.errors import UserError  # noqa: E402
+from rlhf_jax.trainers import run_stage  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/rm_hh.py:runlocal", lock_config=True)
