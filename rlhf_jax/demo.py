@@ -4,9 +4,9 @@ The synthetic summarisation task (rlhf_jax/data/synthetic.py) comes with a gold
 labeler that no model ever sees. This module
 
   * writes the task's files (demonstrations, prompts, text) into WORKDIR/task/;
-  * after SFT, samples two summaries per prompt from the SFT policy and labels each
-    pair with the task's *noisy* labeler (agreeing with gold ~73% of the time, like
-    human labelers) -- the comparisons the reward model learns from;
+  * after SFT, samples K summaries per prompt from the SFT policy and ranks them
+    with the task's *noisy* labeler (agreeing with gold ~73% of the time, like
+    human labelers) -- the rankings the reward model learns from;
   * after PPO, samples the SFT and PPO policies on held-out prompts and judges
     them with the gold labeler: gold score, win rates, KL from the SFT policy;
     then writes summary.json and report.md with plots (rlhf_jax/report.py).

@@ -122,7 +122,8 @@ def write_report(workdir: str, summary: dict, samples: list[dict], n_samples: in
               "the gold score stalls or falls, the policy is exploiting the RM's "
               "errors (reward over-optimisation).", "", "![gold vs KL](gold_vs_kl.png)", ""]
   lines += ["## Reward model", "",
-            "The RM learns from noisy comparisons of pairs of SFT samples. On the "
+            "The RM learns from noisy rankings of SFT samples (each ranking gives "
+            "its pairs). On the "
             f"{summary['rm']['pairs']} held-out pairs, the noisy labels agree with the gold labeler "
             f"{summary['rm']['label_agreement']:.1%} of the time, so no RM can exceed "
             f"about {summary['rm']['noise_ceiling']:.1%} accuracy on held-out noisy labels.",
