@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models.transformer import (Cache, Transformer, TransformerConfig,
-                                         positions_from_mask)
+                                         as_token_rows, positions_from_mask)
 from rlhf_jax.sharding import constrain
 
 
@@ -60,7 +60,7 @@ class PolicyModel(nn.Module):
     if self.config.tied_embeddings:
       logits = self.trunk.logits(h)
     else:
-      logits = self.lm_head(h)
+      logits = as_token_rows(self.lm_head, h)
     logits = constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
     return logits if cache is None else (logits, new_cache)
 

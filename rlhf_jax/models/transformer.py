@@ -129,6 +129,20 @@ def _zeros(axes: tuple[str, ...]):
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
+def as_token_rows(fn, x: jax.Array) -> jax.Array:
+  """`fn` applied to x [B, T, ...] as one matrix of token rows [B * T, ...].
+
+  A projection written over [B, T, d] is a matmul with two batch-like dimensions,
+  and for its weight gradient XLA's CPU backend then transposes the activations
+  (a [B*T, d_ff] copy per MLP layer) before the dot; on token rows it passes them
+  to the dot as they are. The same math and the same params; on a 2-core CPU an
+  MLP layer's forward + backward at 4,096 tokens ran 1.5x faster. B is the major dimension, so
+  a batch sharded over the mesh stays sharded the same way on the rows.
+  """
+  rows = fn(x.reshape((-1,) + x.shape[2:]))
+  return rows.reshape(x.shape[:2] + rows.shape[1:])
+
+
 class Norm(nn.Module):
   config: TransformerConfig
 
@@ -187,16 +201,23 @@ class Projection(nn.Module):
 def project(x: jax.Array, projections, dtype) -> list[jax.Array]:
   """x [B, T, d] through each (kernel, bias) of `projections` -> [B, T, heads, Dh] each.
 
-  Kernels of equal shape are stacked on a new axis and applied as one matmul, whose
-  input gradient is one matmul too, not three and two additions (on a 2-core CPU the
-  benchmark PPO update ran 5% faster, sampling 7%). The new axis is never sharded,
-  so the heads keep their sharding.
+  Kernels of equal shape are stacked and applied as one matmul, whose input
+  gradient is one matmul too, not three and two additions (on a 2-core CPU the
+  benchmark PPO update ran 5% faster, sampling 7%). The stack is a plain 2-D matmul
+  over token rows, [B*T, d] @ [d, H * n * Dh]: as a 4-D einsum, XLA's CPU backend
+  transposed the [B*T, n, H, Dh] output gradient and the kernels for the weight
+  gradient (forward + backward of the stacked q, k, v: 39 -> 21 ms at 4,096 tokens,
+  d_model 256). Heads are the major part of the merged axis, so a heads axis
+  sharded over 'tensor' stays sharded.
   """
-  kernels = jnp.stack([k for k, _ in projections], axis=1).astype(dtype)  # [d, n, H, Dh]
-  out = jnp.einsum("btd,dnhk->btnhk", x.astype(dtype), kernels)
+  kernels = jnp.stack([k for k, _ in projections], axis=2).astype(dtype)  # [d, H, n, Dh]
+  d, heads, n, head_dim = kernels.shape
+  matrix = kernels.reshape(d, heads * n * head_dim)
+  out = as_token_rows(lambda rows: (rows @ matrix).reshape(-1, heads, n, head_dim),
+                      x.astype(dtype))  # [B, T, H, n, Dh]
   if projections[0][1] is not None:
-    out = out + jnp.stack([b for _, b in projections]).astype(dtype)
-  return [out[:, :, i] for i in range(len(projections))]
+    out = out + jnp.stack([b for _, b in projections], axis=1).astype(dtype)
+  return [out[:, :, :, i] for i in range(n)]
 
 
 class Attention(nn.Module):
@@ -252,6 +273,11 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    """x [B, T, d_model] -> [B, T, d_model], computed on token rows (as_token_rows)."""
+    return as_token_rows(self.rows, x)
+
+  def rows(self, x):
+    """The MLP on token rows [N, d_model] (its layers are defined here, inline)."""
     c = self.config
     dense = functools.partial(nn.Dense, dtype=c.dtype, param_dtype=c.param_dtype,
                               use_bias=c.use_bias)
@@ -263,7 +289,7 @@ class Mlp(nn.Module):
       hidden = nn.silu(gate) * up
     else:
       hidden = nn.gelu(up, approximate=(c.mlp == "gelu_tanh"))
-    hidden = constrain(hidden, ("batch", "length", "act_heads"))
+    hidden = constrain(hidden, ("batch", "act_heads"))
     return dense(c.d_model, kernel_init=_init(c.init_std, ("mlp", "embed")),
                  bias_init=_zeros(("embed",)), name="down")(hidden)
 
@@ -345,7 +371,7 @@ class Transformer(nn.Module):
 
   def logits(self, h):
     """Tied models reuse the embedding; untied ones have their own `lm_head`."""
-    return self.embed.attend(h)
+    return as_token_rows(self.embed.attend, h)
 
 
 def init_cache(c: TransformerConfig, batch: int, length: int, dtype=None) -> Cache:

@@ -98,7 +98,10 @@ def test_reading_some_positions_equals_the_full_pass_there(family):
     (got, got_grad), (want, want_grad) = (jax.value_and_grad(f)(params)
                                           for f in (loss, full_loss))
     np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name),
+    # Some gradient entries are ~100 in size: float32 rounding of the two matmul
+    # orders is then above the absolute 1e-5, so allow a relative 1e-6 as well.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-6,
+                                                         err_msg=name),
                  got_grad, want_grad)
 
 
