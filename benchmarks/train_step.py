@@ -16,6 +16,9 @@ machine). FLOPs follow DESIGN.md §8: 6 * N * tokens run through the model, with
 = the trunk + embedding parameters (`TransformerConfig.param_count`); the
 rlhf_jax step runs each prompt once for both its responses (6,144 tokens per
 step), the PyTorch step every sequence whole; attention FLOPs are not counted.
+rlhf_jax's last layer also runs only its keys and values except at each
+response's EOS (models/transformer.py, `read`), which this count does not
+subtract: its FLOP/s and MFU are upper bounds; tokens/s is the figure to compare.
 The peak is the device's: for a CPU, cores x clock x FLOPs/cycle (32 float32
 FLOPs per cycle per core with AVX2 FMA, 64 with AVX-512), so a CPU MFU is an
 estimate.
