@@ -136,8 +136,8 @@ def as_token_rows(fn, x: jax.Array) -> jax.Array:
   and for its weight gradient XLA's CPU backend then transposes the activations
   (a [B*T, d_ff] copy per MLP layer) before the dot; on token rows it passes them
   to the dot as they are. The same math and the same params; on a 2-core CPU an
-  MLP layer's forward + backward at 4,096 tokens ran 1.5x faster. B is the major dimension, so
-  a batch sharded over the mesh stays sharded the same way on the rows.
+  MLP layer's forward + backward at 4,096 tokens ran 1.5x faster. B is the major
+  dimension, so a batch sharded over the mesh stays sharded the same way on the rows.
   """
   rows = fn(x.reshape((-1,) + x.shape[2:]))
   return rows.reshape(x.shape[:2] + rows.shape[1:])
