@@ -21,7 +21,10 @@ response's EOS (models/transformer.py, `read`), which this count does not
 subtract: its FLOP/s and MFU are upper bounds; tokens/s is the figure to compare.
 The peak is the device's: for a CPU, cores x clock x FLOPs/cycle (32 float32
 FLOPs per cycle per core with AVX2 FMA, 64 with AVX-512), so a CPU MFU is an
-estimate.
+estimate: /proc/cpuinfo gives a VM's nominal clock, not its turbo clock, and the
+embedding counted in N is a lookup here, not a matmul (kept to match the
+reference's count), so on some CPUs the PyTorch step reads above 100% (seen: a
+2-core Xeon at a nominal 2.6 GHz).
 """
 from __future__ import annotations
 
