@@ -273,12 +273,10 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    """x [B, T, d_model] -> [B, T, d_model], computed on token rows (as_token_rows)."""
-    return as_token_rows(self.rows, x)
-
-  def rows(self, x):
-    """The MLP on token rows [N, d_model] (its layers are defined here, inline)."""
+    """x [B, T, d_model] -> [B, T, d_model], computed on [B*T, d_model] token rows
+    (why: as_token_rows)."""
     c = self.config
+    batch_shape, x = x.shape[:2], x.reshape(-1, x.shape[-1])
     dense = functools.partial(nn.Dense, dtype=c.dtype, param_dtype=c.param_dtype,
                               use_bias=c.use_bias)
     up = dense(c.d_ff, kernel_init=_init(c.init_std, ("embed", "mlp")),
@@ -290,8 +288,9 @@ class Mlp(nn.Module):
     else:
       hidden = nn.gelu(up, approximate=(c.mlp == "gelu_tanh"))
     hidden = constrain(hidden, ("batch", "act_heads"))
-    return dense(c.d_model, kernel_init=_init(c.init_std, ("mlp", "embed")),
-                 bias_init=_zeros(("embed",)), name="down")(hidden)
+    out = dense(c.d_model, kernel_init=_init(c.init_std, ("mlp", "embed")),
+                bias_init=_zeros(("embed",)), name="down")(hidden)
+    return out.reshape(batch_shape + out.shape[1:])
 
 
 class Block(nn.Module):
