@@ -27,9 +27,8 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
 import ml_collections
+import numpy as np
 
 from rlhf_jax import sampling, sharding
 from rlhf_jax.models import heads
