@@ -44,7 +44,7 @@ def build_jax(args):
   # A data mesh over every device (one, unless --cpu_devices says more): the batch
   # is split over it, the parameters replicated.
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
-  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  batch_sharding = sharding.batch_sharding(mesh)
   with jax.set_mesh(mesh):
     params = jax.jit(lambda r: model.init(r, jnp.ones((1, 4), jnp.int32))["params"],
                      out_shardings=sharding.replicated(mesh))(jax.random.key(0))
