@@ -46,8 +46,24 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-  """Sharding constraint by logical names; a no-op outside a mesh context."""
-  return nn.with_logical_constraint(x, tuple(logical_axes), rules=LOGICAL_AXIS_RULES)
+  """Sharding constraint by logical names; a no-op outside a mesh context.
+
+  Inside a `jax.shard_map` that makes some mesh axes manual, those axes are
+  dropped from the rules: the values are already per-shard along them.
+  """
+  manual = set(jax.sharding.get_abstract_mesh().manual_axes)
+  return nn.with_logical_constraint(x, tuple(logical_axes), rules=_rules_without(manual))
+
+
+def _rules_without(axes: set[str]) -> tuple[tuple[str, Any], ...]:
+  if not axes:
+    return LOGICAL_AXIS_RULES
+  def keep(target):
+    if isinstance(target, tuple):
+      kept = tuple(a for a in target if a not in axes)
+      return kept or None
+    return None if target in axes else target
+  return tuple((name, keep(target)) for name, target in LOGICAL_AXIS_RULES)
 
 
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -43,6 +43,36 @@ def test_sampled_logprobs_equal_teacher_forced_on_data_parallel_mesh(family):
   assert np.all(np.asarray(samples.logprobs)[np.asarray(samples.mask) == 0] == 0)
 
 
+@pytest.mark.parametrize("shape", [(2, 2, 2), (8, 1, 1), (1, 8, 1)])
+def test_sharded_samples_equal_single_device_samples(shape):
+  """With data > 1 each data-parallel group decodes in its own loop and stops on
+  its own; the samples must still be those of one device for the same key."""
+  model = heads.PolicyModel(tiny_config("gpt2"))
+  data, fsdp, tensor = shape
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp,
+                                                           tensor=tensor)))
+  params, _ = sharding.init_sharded(
+      lambda r: model.init(r, jnp.ones((1, 4), jnp.int32))["params"], jax.random.key(0),
+      mesh)
+  prompt, prompt_mask = left_padded_prompts(batch=8, length=6, seed=5)
+  params_sp = sampling.SamplingParams(new_tokens=12, stop_token=STOP, temperature=1.5)
+  single = sampling.make_sampler(model, params_sp)(jax.device_get(params), prompt,
+                                                   prompt_mask, jax.random.key(1))
+  with jax.set_mesh(mesh):
+    sharded = sampling.make_sampler(model, params_sp)(
+        params, *jax.device_put((prompt, prompt_mask), sharding.batch_sharding(mesh)),
+        jax.random.key(1))
+  # Some rows stop early and some run to the end, so groups finish at different steps.
+  lengths = np.asarray(single.mask).sum(axis=1)
+  assert lengths.min() < 12 and lengths.max() == 12
+  np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(single.tokens))
+  np.testing.assert_array_equal(np.asarray(sharded.mask), np.asarray(single.mask))
+  np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(single.logprobs),
+                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(sharded.entropy), np.asarray(single.entropy),
+                             atol=1e-5)
+
+
 def test_greedy_matches_a_plain_reference_loop():
   model = heads.PolicyModel(tiny_config("llama"))
   params = init_params(model)
@@ -88,7 +118,8 @@ def test_responses_are_truncated_after_the_first_stop_token():
 def _draw(logits, params_sp, n=4000):
   keys = jax.random.split(jax.random.key(0), n)
   batch = jnp.broadcast_to(logits, (1,) + logits.shape)
-  choose = jax.jit(jax.vmap(lambda k: sampling._choose(batch, k, params_sp)[0][0]))
+  choose = jax.jit(jax.vmap(
+      lambda k: sampling._choose(batch, sampling.row_uniforms(k, 1), params_sp)[0][0]))
   return np.asarray(choose(keys))
 
 
