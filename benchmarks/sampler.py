@@ -15,11 +15,27 @@ one thread (the attention's batched dots, the reductions); with one device per
 core the two halves of the batch run them side by side. On a 2-core CPU this
 made sampling about 18% faster (while the RM train step of train_step.py, whose
 large matmuls already use both cores, was about 10% slower on two devices).
+
+On a purely data-parallel mesh each device also runs its own decode loop and stops
+on its own (rlhf_jax/sampling.py), so no all-reduce crosses the devices per token.
+
+Memory allocator: this script leaves glibc's malloc as it is, as a notebook or a
+sampling-only job has it. The trainer instead calls
+`host_memory.configure_for_this_host()`, one malloc arena that keeps freed memory,
+which speeds its training steps up and slows sampling down (6-26% measured here;
+rlhf_jax/host_memory.py). `RLHF_JAX_KEEP_FREED_MEMORY=1 python
+benchmarks/sampler.py ...` measures both stacks under the trainer's setting;
+benchmarks/ppo.py and compare.py time the PPO rollout under it.
 """
+import os
+
 from rlhf_jax import host_memory
 
-# As the trainer does, before jax starts its threads (rlhf_jax/host_memory.py).
-host_memory.configure_for_this_host()
+# glibc's default malloc unless RLHF_JAX_KEEP_FREED_MEMORY asks for the trainer's
+# setting (see the docstring); both stacks run under the same one. Before jax starts
+# its threads, as in the trainer.
+if host_memory.ENV_VAR in os.environ:
+  host_memory.configure_for_this_host()
 
 import argparse
 import statistics
