@@ -3,7 +3,8 @@
 `sample` takes left-padded prompts of mixed lengths, runs them through the policy
 once to fill the cache, then decodes a fixed number of new tokens inside a
 `lax.while_loop` that writes one cache slot per step and stops early once every row
-has produced its stop token. Shapes are static, so one compilation serves every batch.
+has produced its stop token (every row of the device, on a purely data-parallel
+mesh; see `sample`). Shapes are static, so one compilation serves every batch.
 
 Each response is truncated after its first stop token: the returned mask is 1 up to
 and including it, and the tokens after it are padding. The log-probs are those of
@@ -176,6 +177,7 @@ def sample(policy: PolicyModel, params, prompt_tokens: jax.Array, prompt_mask: j
 
 
 def _one_loop_per_device(mesh) -> bool:
+  """Whether `mesh` splits only the batch (data > 1, every other axis 1)."""
   if mesh.empty or "data" not in mesh.axis_names or "data" in mesh.manual_axes:
     return False
   return mesh.shape["data"] > 1 and all(

@@ -45,8 +45,9 @@ def test_sampled_logprobs_equal_teacher_forced_on_data_parallel_mesh(family):
 
 @pytest.mark.parametrize("shape", [(2, 2, 2), (8, 1, 1), (1, 8, 1)])
 def test_sharded_samples_equal_single_device_samples(shape):
-  """With data > 1 each data-parallel group decodes in its own loop and stops on
-  its own; the samples must still be those of one device for the same key."""
+  """On a purely data-parallel mesh (8, 1, 1) each device decodes its rows in its own
+  loop and stops on its own; the other meshes run one loop over the batch. Either
+  way the samples must be those of one device for the same key."""
   model = heads.PolicyModel(tiny_config("gpt2"))
   data, fsdp, tensor = shape
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp,
@@ -62,7 +63,7 @@ def test_sharded_samples_equal_single_device_samples(shape):
     sharded = sampling.make_sampler(model, params_sp)(
         params, *jax.device_put((prompt, prompt_mask), sharding.batch_sharding(mesh)),
         jax.random.key(1))
-  # Some rows stop early and some run to the end, so groups finish at different steps.
+  # Some rows stop early and some run to the end, so devices finish at different steps.
   lengths = np.asarray(single.mask).sum(axis=1)
   assert lengths.min() < 12 and lengths.max() == 12
   np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(single.tokens))
