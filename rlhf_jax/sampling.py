@@ -151,15 +151,16 @@ def sample(policy: PolicyModel, params, prompt_tokens: jax.Array, prompt_mask: j
   each device decodes its own rows in its own loop (`jax.shard_map` over `data`): it
   stops when its own rows are done, and the early-stop test is not an all-reduce
   across every device after every token (on a 2-core CPU split into two devices,
-  that test cost about 3% of sampling). Other meshes run one loop over the whole
-  batch (XLA 0.10's SPMD partitioner aborts on the embedding gather of a shard_map
-  that leaves fsdp or tensor axes automatic). The draws do not depend on the mesh:
-  each device takes its rows' slice of the same per-token uniforms.
+  that test cost about 3% of sampling). Other meshes, and batches that do not divide
+  over the devices, run one loop over the whole batch (XLA 0.10's SPMD partitioner
+  aborts on the embedding gather of a shard_map that leaves fsdp or tensor axes
+  automatic). The draws do not depend on the mesh: each device takes its rows'
+  slice of the same per-token uniforms.
   """
   mesh = jax.sharding.get_abstract_mesh()
   decode = functools.partial(_sample_rows, policy, sampling=sampling,
                              total_rows=prompt_tokens.shape[0])
-  if not _one_loop_per_device(mesh):
+  if not _one_loop_per_device(mesh, prompt_tokens.shape[0]):
     return decode(params, prompt_tokens, prompt_mask, rng, first_row=0)
 
   def decode_rows(params, prompt_tokens, prompt_mask, rng):
@@ -176,11 +177,13 @@ def sample(policy: PolicyModel, params, prompt_tokens: jax.Array, prompt_mask: j
                            params, prompt_tokens, prompt_mask, rng)
 
 
-def _one_loop_per_device(mesh) -> bool:
-  """Whether `mesh` splits only the batch (data > 1, every other axis 1)."""
+def _one_loop_per_device(mesh, rows: int) -> bool:
+  """Whether `mesh` splits only the batch (data > 1, every other axis 1) and the
+  `rows` divide evenly over it (an uneven batch keeps the one loop, which takes it)."""
   if mesh.empty or "data" not in mesh.axis_names or "data" in mesh.manual_axes:
     return False
-  return mesh.shape["data"] > 1 and all(
+  data = mesh.shape["data"]
+  return data > 1 and rows % data == 0 and all(
       size == 1 for axis, size in mesh.shape.items() if axis != "data")
 
 

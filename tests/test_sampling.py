@@ -43,11 +43,13 @@ def test_sampled_logprobs_equal_teacher_forced_on_data_parallel_mesh(family):
   assert np.all(np.asarray(samples.logprobs)[np.asarray(samples.mask) == 0] == 0)
 
 
-@pytest.mark.parametrize("shape", [(2, 2, 2), (8, 1, 1), (1, 8, 1)])
-def test_sharded_samples_equal_single_device_samples(shape):
+@pytest.mark.parametrize("shape, batch", [((2, 2, 2), 8), ((8, 1, 1), 8), ((1, 8, 1), 8),
+                                          ((8, 1, 1), 3)])
+def test_sharded_samples_equal_single_device_samples(shape, batch):
   """On a purely data-parallel mesh (8, 1, 1) each device decodes its rows in its own
-  loop and stops on its own; the other meshes run one loop over the batch. Either
-  way the samples must be those of one device for the same key."""
+  loop and stops on its own; the other meshes, and a batch that does not divide
+  over the devices, run one loop over the batch. Either way the samples must be
+  those of one device for the same key."""
   model = heads.PolicyModel(tiny_config("gpt2"))
   data, fsdp, tensor = shape
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp,
@@ -55,14 +57,15 @@ def test_sharded_samples_equal_single_device_samples(shape):
   params, _ = sharding.init_sharded(
       lambda r: model.init(r, jnp.ones((1, 4), jnp.int32))["params"], jax.random.key(0),
       mesh)
-  prompt, prompt_mask = left_padded_prompts(batch=8, length=6, seed=5)
+  prompt, prompt_mask = left_padded_prompts(batch=batch, length=6, seed=5)
   params_sp = sampling.SamplingParams(new_tokens=12, stop_token=STOP, temperature=1.5)
   single = sampling.make_sampler(model, params_sp)(jax.device_get(params), prompt,
                                                    prompt_mask, jax.random.key(1))
+  if batch % data == 0:
+    prompt, prompt_mask = jax.device_put((prompt, prompt_mask), sharding.batch_sharding(mesh))
   with jax.set_mesh(mesh):
-    sharded = sampling.make_sampler(model, params_sp)(
-        params, *jax.device_put((prompt, prompt_mask), sharding.batch_sharding(mesh)),
-        jax.random.key(1))
+    sharded = sampling.make_sampler(model, params_sp)(params, prompt, prompt_mask,
+                                                      jax.random.key(1))
   # Some rows stop early and some run to the end, so devices finish at different steps.
   lengths = np.asarray(single.mask).sum(axis=1)
   assert lengths.min() < 12 and lengths.max() == 12
