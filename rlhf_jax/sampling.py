@@ -87,7 +87,7 @@ def _block_size(vocab: int) -> int:
 
 
 def row_uniforms(rng: jax.Array, rows: int) -> jax.Array:
-  """One uniform in (0, 1] per row, [rows, 1]: what `draw_categorical` inverts."""
+  """One uniform in (0, 1] per row, [rows, 1]: what `draw_with_uniforms` inverts."""
   return jax.random.uniform(rng, (rows, 1), minval=jnp.finfo(jnp.float32).tiny, maxval=1.0)
 
 
@@ -179,7 +179,8 @@ def sample(policy: PolicyModel, params, prompt_tokens: jax.Array, prompt_mask: j
 
 def _one_loop_per_device(mesh, rows: int) -> bool:
   """Whether `mesh` splits only the batch (data > 1, every other axis 1) and the
-  `rows` divide evenly over it (an uneven batch keeps the one loop, which takes it)."""
+  `rows` divide evenly over it (shard_map needs equal rows per device; the one loop
+  over the batch does not)."""
   if mesh.empty or "data" not in mesh.axis_names or "data" in mesh.manual_axes:
     return False
   data = mesh.shape["data"]

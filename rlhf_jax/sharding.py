@@ -56,6 +56,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 
 
 def _rules_without(axes: set[str]) -> tuple[tuple[str, Any], ...]:
+  """LOGICAL_AXIS_RULES with the mesh axes `axes` removed from every target."""
   if not axes:
     return LOGICAL_AXIS_RULES
   def keep(target):
