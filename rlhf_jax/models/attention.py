@@ -17,10 +17,10 @@ rather than a select.
 step) that is the form the sampler measured fastest. `block_attention`, for
 several queries per row (training and scoring passes, the reward model's responses
 over its cached prompt, a prefill), moves the heads in front of the positions once,
-so that every dot of its forward and of its hand-written backward but the two
-weight-like ones (dK, dV) is a plain batched matmul. On a 2-core Xeon: forward +
-backward of [32, 128, 4, 64] queries over 256 keys 42-44 -> 32-36 ms; the
-benchmark RM step 720-723 -> 652-656 ms (BENCHMARKS.md).
+so that every dot of its forward and of its hand-written backward is a plain
+batched matmul. On a 2-core Xeon: forward + backward of [32, 128, 4, 64] queries
+over 256 keys 42-44 -> 32-36 ms; the benchmark RM step 720-723 -> 652-656 ms, and
+586-593 ms with dK and dV as in `_contract_rows` (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -117,11 +117,26 @@ def _block_bwd(residuals, d_out):
   p32 = probs.astype(jnp.float32)
   d_scores = p32 * (d_probs - jnp.sum(d_probs * p32, axis=-1, keepdims=True))
   d_scores = d_scores.astype(qh.dtype)
-  d_values = jnp.einsum("bkrs,bkrd->bksd", probs, d_rows.astype(probs.dtype))
-  d_keys = jnp.einsum("bkrs,bkrd->bksd", d_scores, qh)
+  d_values = _contract_rows(d_rows.astype(probs.dtype), probs)  # P^T dO
+  d_keys = _contract_rows(qh, d_scores)  # dS^T Q
   d_q = jnp.einsum("bkrs,bksd->bkrd", d_scores, keys) * jnp.asarray(1.0 / dh ** 0.5, qh.dtype)
   return (_heads_last(d_q, t), d_keys.astype(keys.dtype), d_values.astype(values.dtype),
           None)
+
+
+def _contract_rows(x: jax.Array, weights: jax.Array) -> jax.Array:
+  """weights^T x over the query rows: x [B, Hkv, R, Dh], weights [B, Hkv, R, S] -> [B, Hkv, S, Dh].
+
+  Contracting both operands over their second-to-last axis is a layout XLA's CPU
+  backend runs as a loop of small matmuls (2x slower than YNNPACK's batched matmul
+  at these sizes). So it is computed as (x^T weights)^T, with x^T [B, Hkv, Dh, R]
+  and the [B, Hkv, Dh, S] product laid out in memory as written: the optimization
+  barriers stop XLA from folding the two transposes back into the dot (on the
+  2-core Xeon the benchmark RM step 615-630 -> 586-593 ms).
+  """
+  barrier = jax.lax.optimization_barrier
+  x_t = barrier(x.swapaxes(2, 3))
+  return barrier(jnp.einsum("bkdr,bkrs->bkds", x_t, weights)).swapaxes(2, 3)
 
 
 block_attention.defvjp(_block_fwd, _block_bwd)
