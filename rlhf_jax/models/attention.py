@@ -3,7 +3,8 @@
 Both take queries q [B, T, H, Dh], keys and values [B, Hkv, S, Dh] (H a multiple of
 Hkv: grouped-query heads) and `allowed` [B, T, S] (bool), and return [B, T, H, Dh].
 Scores and the softmax are float32 whatever the compute dtype. On an accelerator
-the transformer calls `jax.nn.dot_product_attention` for full passes instead.
+the transformer calls `jax.nn.dot_product_attention` for full passes instead, and
+`decode_attention` for cached ones.
 
 Written for XLA's CPU backend, where the layout of each batched dot decides its
 speed: a batched dot whose operands contract over their last axis (or the
@@ -19,8 +20,8 @@ several queries per row (training and scoring passes, the reward model's respons
 over its cached prompt, a prefill), moves the heads in front of the positions once,
 so that every dot of its forward and of its hand-written backward is a plain
 batched matmul. On a 2-core Xeon: forward + backward of [32, 128, 4, 64] queries
-over 256 keys 42-44 -> 32-36 ms; the benchmark RM step 720-723 -> 652-656 ms, and
-586-593 ms with dK and dV as in `_contract_rows` (BENCHMARKS.md).
+over 256 keys 42-44 -> 32-36 ms; the benchmark RM step 720-723 -> 652-656 ms, then
+615-630 -> 586-593 ms with dK and dV computed as in `_contract_rows` (BENCHMARKS.md).
 """
 from __future__ import annotations
 

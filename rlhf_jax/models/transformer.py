@@ -255,14 +255,15 @@ class Attention(nn.Module):
     # never read); real rows are unaffected because their own key is real.
     allowed = (causal & (mask[:, None, :] > 0)) | (key_slots == query_slots[..., None])
     q, keys, values = q.astype(c.dtype), keys.astype(c.dtype), values.astype(c.dtype)
-    if cache is None and jax.default_backend() != "cpu":
+    on_cpu = jax.default_backend() == "cpu"
+    if cache is None and not on_cpu:
       # Full pass on an accelerator: the fused kernel (cuDNN flash attention on GPU).
       out = jax.nn.dot_product_attention(q, keys.swapaxes(1, 2), values.swapaxes(1, 2),
                                          mask=allowed[:, None, :, :])
-    elif q.shape[1] > 1:  # several queries per row: training, scoring, prefill
+    elif on_cpu and q.shape[1] > 1:  # several queries per row: training, scoring, prefill
       out = attention.block_attention(q, keys, values, allowed)
-    else:
-      out = attention.decode_attention(q, keys, values, allowed)  # one per row: decoding
+    else:  # decoding, and cached passes on an accelerator
+      out = attention.decode_attention(q, keys, values, allowed)
     out = constrain(out, ("batch", "length", "act_heads", None))
     out = nn.DenseGeneral(c.d_model, axis=(-2, -1), dtype=c.dtype,
                           param_dtype=c.param_dtype, use_bias=c.use_bias,
