@@ -40,7 +40,8 @@ def _mask_bias(allowed: jax.Array) -> jax.Array:
 
 def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
                      allowed: jax.Array) -> jax.Array:
-  """Attention in q's own [B, T, H, Dh] layout, for cached decoding and prefill."""
+  """Attention in q's own [B, T, H, Dh] layout: decode steps (one query per row),
+  and on an accelerator every cached pass."""
   b, t, h, dh = q.shape
   kv_heads = keys.shape[1]
   q = q * jnp.asarray(1.0 / dh ** 0.5, q.dtype)
