@@ -106,13 +106,9 @@ def block_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
   return _forward(q, keys, values, allowed)[0]
 
 
-def _block_fwd(q, keys, values, allowed):
-  return _forward(q, keys, values, allowed)
-
-
 def _block_bwd(residuals, d_out):
   qh, keys, values, probs = residuals  # qh is already scaled by 1/sqrt(Dh)
-  t, h, dh = d_out.shape[1:]
+  t, _, dh = d_out.shape[1:]
   kv_heads = keys.shape[1]
   d_rows = _heads_first(d_out, kv_heads)  # [B, Hkv, G*T, Dh]
   d_probs = jnp.einsum("bkrd,bksd->bkrs", d_rows, values, preferred_element_type=jnp.float32)
@@ -141,4 +137,4 @@ def _contract_rows(x: jax.Array, weights: jax.Array) -> jax.Array:
   return barrier(jnp.einsum("bkdr,bkrs->bkds", x_t, weights)).swapaxes(2, 3)
 
 
-block_attention.defvjp(_block_fwd, _block_bwd)
+block_attention.defvjp(_forward, _block_bwd)
