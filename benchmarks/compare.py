@@ -9,7 +9,13 @@
 
 Three figures. Each is timed A, B, A, B, ... (rlhf_jax, then PyTorch), so a
 change in the machine's load hits both sides alike, after --warmup untimed rounds
-that hold both sides' compilation and first-call set-up:
+that hold both sides' compilation and first-call set-up. Three by default: under
+the trainer's malloc settings (rlhf_jax/host_memory.py) the process heap grows to
+its peak over the first calls, and each call that grows it page-faults the new
+memory in (measured for the RM step on a 2-core Xeon: ~165,000 minor faults and
+up to 1.9 s of system time on each of one to three of the first four calls, then
+none; with one warm-up round, the median of five timed RM steps was 0.758 s
+against 0.63 s once warm):
 
   rm      one reward-model train step: 16 pairs x (128 prompt + 128 response)
           tokens, pairwise loss, AdamW with clipping (benchmarks/train_step.py),
@@ -74,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--only", action="append", choices=BENCHMARKS,
                       help="run only this benchmark (repeatable); default: all")
   parser.add_argument("--repeats", type=int, default=5, help="timed rounds (A, B)")
-  parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+  parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
   parser.add_argument("--trl_python", default=ppo_bench.default_trl_python(),
                       help="python of a venv with trl==1.12.0; default: this one if "
                       "it has trl, else none (PPO measured for rlhf_jax alone)")

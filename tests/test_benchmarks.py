@@ -94,7 +94,7 @@ def test_mfu_and_compare_report_their_fields(tmp_path):
   mfu = _start("mfu.py", ["--sizes=tiny", "--repeats=1", "--peak_gbps=10",
                           f"--json={mfu_json}"])
   only = ["--only=sample"] + (["--only=ppo"] if HAS_TRL else [])
-  compare = _start("compare.py", only + ["--repeats=1", f"--json={compare_json}"]
+  compare = _start("compare.py", only + ["--warmup=1", "--repeats=1", f"--json={compare_json}"]
                    + TINY_MODEL + TINY_WORK)
   compare_result = _finish(compare, compare_json)
   _check_mfu(*_finish(mfu, mfu_json))
