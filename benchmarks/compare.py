@@ -12,10 +12,7 @@ change in the machine's load hits both sides alike, after --warmup untimed round
 that hold both sides' compilation and first-call set-up. Three by default: under
 the trainer's malloc settings (rlhf_jax/host_memory.py) the process heap grows to
 its peak over the first calls, and each call that grows it page-faults the new
-memory in (measured for the RM step on a 2-core Xeon: ~165,000 minor faults and
-up to 1.9 s of system time on each of one to three of the first four calls, then
-none; with one warm-up round, the median of five timed RM steps was 0.758 s
-against 0.63 s once warm):
+memory in (up to four calls of the RM step; the figures are in BENCHMARKS.md):
 
   rm      one reward-model train step: 16 pairs x (128 prompt + 128 response)
           tokens, pairwise loss, AdamW with clipping (benchmarks/train_step.py),
